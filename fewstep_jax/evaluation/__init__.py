@@ -1,0 +1,1 @@
+"""Evaluation: sample-quality metrics, fixed feature spaces and FID."""

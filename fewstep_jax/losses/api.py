@@ -1,0 +1,93 @@
+"""The contract between loss terms and the train step.
+
+A loss term is a pure function
+
+    term(params, inputs: LossInputs, batch: dict, rng) -> (scalar float32, metrics: dict[str, scalar])
+
+differentiated with respect to ``params`` (the parameters of the network it trains: the student,
+or an auxiliary network such as the fake score). Everything else it may read is in ``inputs``
+and must be treated as constant (the train step also wraps it in ``stop_gradient``).
+
+Terms are built by factories registered by name: ``@register("traflow_rec")`` on
+``factory(cfg: ConfigDict, student: Student) -> term``; ``cfg`` is the term's config block
+(its ``weight`` is applied by the train step, the rest are the term's own hyper-parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+
+from fewstep_jax.students import Student
+from fewstep_jax.teachers.base import Teacher
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class LossInputs:
+    """What a loss term may read besides its own params (all constant for the gradient).
+
+    Attributes:
+      teacher: the frozen teacher (None when training a teacher).
+      student: the student's flow-map wrapper (static).
+      ema: EMA copies of the trained network's params, e.g. ``{"target": ..., "eval": ...}``.
+      others: current params of the other networks of the run, e.g. ``{"student": ...}`` for the
+        fake-score loss, ``{"fake": ...}`` for the generator loss.
+      step: the global step (int32 scalar).
+    """
+
+    teacher: Teacher | None
+    student: Student | None
+    ema: dict
+    others: dict
+    step: Array
+
+
+LossTerm = Callable[[Any, LossInputs, dict, Array], tuple[Array, dict]]
+LossFactory = Callable[..., LossTerm]
+
+_REGISTRY: dict[str, LossFactory] = {}
+
+
+def register(name: str) -> Callable[[LossFactory], LossFactory]:
+    """Registers a loss-term factory under ``name`` (a name may be registered once)."""
+
+    def deco(factory: LossFactory) -> LossFactory:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"loss term {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def get_factory(name: str) -> LossFactory:
+    """The factory registered as ``name``; unknown names list the known ones."""
+    _import_families()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown loss term {name!r}; known terms: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def registered() -> list[str]:
+    _import_families()
+    return sorted(_REGISTRY)
+
+
+def _import_families() -> None:
+    # importing a family module registers its terms; families that do not exist yet are skipped
+    import importlib
+
+    for mod in ("flow_matching", "trajectory", "tcd", "distribution_matching"):
+        try:
+            importlib.import_module(f"fewstep_jax.losses.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"fewstep_jax.losses.{mod}":
+                raise
+
+
+__all__ = ["LossFactory", "LossInputs", "LossTerm", "get_factory", "register", "registered"]

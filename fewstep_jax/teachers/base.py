@@ -1,0 +1,124 @@
+"""The teacher interface shared by analytic, neural and imported teachers (DESIGN.md "Teacher").
+
+A :class:`Teacher` is a pytree: its ``params`` (frozen weights, or the arrays of an analytic
+density) are the leaves, everything else is static. Passing a teacher to a jitted function
+therefore passes its params as arguments: they are never baked into the compiled program, and a
+train step can take the teacher as an argument without re-compiling when its weights change.
+
+``apply(params, x, t, label) -> prediction`` is the one pure function a source provides, in the
+teacher's own ``path`` and ``prediction`` kind; the rest (velocity, ``(x0, eps)``, guidance, ODE
+solves) is derived here once for every source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from fewstep_jax import solvers
+from fewstep_jax.paths import Path
+
+Array = jax.Array
+NULL_LABEL = -1
+
+
+@flax.struct.dataclass
+class Teacher:
+    """A frozen teacher: ``apply(params, x, t, label)`` predicts ``prediction`` on ``path``.
+
+    Attributes:
+      params: pytree of frozen arrays (leaves of this pytree).
+      apply: pure function ``(params, x (B, ...), t (B,), label (B,) int32 | None) -> (B, ...)``.
+      path: the interpolation path the teacher was trained on.
+      prediction: ``"flow" | "x0" | "eps" | "v" | "score"``.
+      data_shape: shape of one sample, e.g. ``(2,)`` or ``(28, 28, 1)``.
+      num_classes: number of class labels (0 = unconditional); label -1 is the null class.
+      name: for reports.
+    """
+
+    params: Any
+    apply: Callable = flax.struct.field(pytree_node=False)
+    path: Path = flax.struct.field(pytree_node=False)
+    prediction: str = flax.struct.field(pytree_node=False, default="flow")
+    data_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+    num_classes: int = flax.struct.field(pytree_node=False, default=0)
+    name: str = flax.struct.field(pytree_node=False, default="teacher")
+
+    # ---- input checks (run on concrete arrays at the edges; no-ops under tracing) -------------
+    def check_input(self, x: Array, t: Array | None = None) -> None:
+        if tuple(x.shape[1:]) != tuple(self.data_shape):
+            raise ValueError(
+                f"teacher {self.name!r} expects samples of shape {tuple(self.data_shape)}, "
+                f"got a batch of shape {tuple(x.shape)}"
+            )
+        if t is not None:
+            from fewstep_jax.paths import check_time
+
+            check_time(t)
+
+    def _labels(self, x: Array, label: Array | None) -> Array | None:
+        if self.num_classes == 0:
+            return None
+        if label is None:
+            return jnp.full((x.shape[0],), NULL_LABEL, jnp.int32)
+        return jnp.broadcast_to(jnp.asarray(label, jnp.int32), (x.shape[0],))
+
+    # ---- predictions ---------------------------------------------------------------------------
+    def predict(self, x: Array, t: Array, label: Array | None = None, guidance: float | Array = 1.0):
+        """The native prediction, with classifier-free guidance (Imagen form) when ``guidance != 1``.
+
+        ``guidance`` is the Imagen scale ``w``: ``p_u + w (p_c - p_u)``; LCM/TCD's ``w'`` is
+        ``w = 1 + w'`` (METHODS.md 1.4). Guidance needs a conditional teacher and a label.
+        """
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        lab = self._labels(x, label)
+        p_c = self.apply(self.params, x, t, lab)
+        if isinstance(guidance, (int, float)) and guidance == 1.0:
+            return p_c
+        if self.num_classes == 0:
+            raise ValueError(f"teacher {self.name!r} is unconditional: classifier-free guidance needs labels")
+        p_u = self.apply(self.params, x, t, jnp.full_like(lab, NULL_LABEL))
+        w = jnp.asarray(guidance, p_c.dtype)
+        if w.ndim == 1:
+            w = w.reshape((-1,) + (1,) * (x.ndim - 1))
+        return p_u + w * (p_c - p_u)
+
+    def velocity(self, x: Array, t: Array, label: Array | None = None, guidance: float | Array = 1.0):
+        """``dx/dt`` of the (guided) probability-flow ODE on the teacher's path, (B, ...)."""
+        p = self.predict(x, t, label, guidance)
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        return self.path.convert(p, self.prediction, "flow", x, t)
+
+    def x0_eps(self, x: Array, t: Array, label: Array | None = None, guidance: float | Array = 1.0):
+        """``(x0, eps)`` predictions, each (B, ...)."""
+        p = self.predict(x, t, label, guidance)
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        return self.path.to_x0_eps(p, self.prediction, x, t)
+
+    def velocity_fn(self, label: Array | None = None, guidance: float | Array = 1.0) -> solvers.Velocity:
+        """``velocity`` with the condition closed over, the form the solvers take."""
+        return lambda x, t: self.velocity(x, t, label, guidance)
+
+    # ---- flow map -----------------------------------------------------------------------------
+    def solve(
+        self,
+        x: Array,
+        grid,
+        method: str = "euler",
+        label: Array | None = None,
+        guidance: float | Array = 1.0,
+        return_trajectory: bool = False,
+    ):
+        """Approximates ``Phi(x, grid[0], grid[-1])`` with a fixed-step solver (see solvers.solve)."""
+        return solvers.solve(self.velocity_fn(label, guidance), x, grid, method, self.path, return_trajectory)
+
+    def prior(self, rng: Array, n: int) -> Array:
+        """``n`` samples of the noise the ODE starts from at t = 1: ``sigma(1) * eps``."""
+        return self.path.prior_scale * jax.random.normal(rng, (n, *self.data_shape), jnp.float32)
+
+
+__all__ = ["NULL_LABEL", "Teacher"]

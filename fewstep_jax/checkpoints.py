@@ -67,8 +67,7 @@ def check_tree_matches(stored: Any, target: Any, where: str = "checkpoint") -> N
         problems.append(f"keys in the {where} but not in the state: {extra[:10]}")
     if shapes:
         problems.append(
-            "shape mismatch: "
-            + ", ".join(f"{k}: {where} {s[k]} vs state {t[k]}" for k in shapes[:10])
+            "shape mismatch: " + ", ".join(f"{k}: {where} {s[k]} vs state {t[k]}" for k in shapes[:10])
         )
     if problems:
         raise CheckpointMismatchError("; ".join(problems))
@@ -107,9 +106,7 @@ class Checkpointer:
 
         With async_save the write continues in the background; `state` may be donated after
         this returns (orbax copies device arrays first)."""
-        args = ocp.args.Composite(
-            **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
-        )
+        args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)})
         try:
             return self._mngr.save(step, args=args, force=force)
         except ocp.checkpoint_manager.StepAlreadyExistsError:

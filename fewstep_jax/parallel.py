@@ -128,9 +128,7 @@ def param_sharding(tree: Any, mesh: Mesh, min_size: int = 2**14) -> Any:
     largest dimension divisible by the fsdp size; all else (and everything when fsdp == 1) is
     replicated. Leaves may be arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`)."""
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(
-        lambda x: NamedSharding(mesh, _leaf_spec(tuple(np.shape(x)), fsdp, min_size)), tree
-    )
+    return jax.tree.map(lambda x: NamedSharding(mesh, _leaf_spec(tuple(np.shape(x)), fsdp, min_size)), tree)
 
 
 def shard_tree(tree: Any, shardings: Any) -> Any:
@@ -165,8 +163,6 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
         )
     sharding = batch_sharding(mesh)
     return {
-        k: jax.make_array_from_process_local_data(
-            sharding, np.asarray(v), (total, *np.shape(v)[1:])
-        )
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (total, *np.shape(v)[1:]))
         for k, v in local_batch.items()
     }

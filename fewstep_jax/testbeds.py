@@ -31,7 +31,12 @@ import numpy as np
 from fewstep_jax import solvers
 from fewstep_jax.evaluation import metrics
 from fewstep_jax.paths import Path, get_path
-from fewstep_jax.teachers.analytic import gaussian_mixture_teacher, gmm_params, gmm_sample, ideal_denoiser_teacher
+from fewstep_jax.teachers.analytic import (
+    gaussian_mixture_teacher,
+    gmm_params,
+    gmm_sample,
+    ideal_denoiser_teacher,
+)
 from fewstep_jax.teachers.base import Teacher
 
 LOWDIM = ("gmm8", "checker", "gmm_hd")

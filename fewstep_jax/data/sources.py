@@ -69,9 +69,7 @@ def spec_of(batch: Mapping[str, np.ndarray]) -> dict[str, ArraySpec]:
 class _Base:
     """Shared bookkeeping of the process split."""
 
-    def __init__(
-        self, global_batch_size: int, seed: int, process_index: int, process_count: int
-    ) -> None:
+    def __init__(self, global_batch_size: int, seed: int, process_index: int, process_count: int) -> None:
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.global_batch_size = int(global_batch_size)
@@ -200,9 +198,7 @@ class SamplerSource(_Base):
         batch = {k: np.asarray(v) for k, v in out.items()}
         for k, v in batch.items():
             if v.ndim == 0 or v.shape[0] != n:
-                raise ValueError(
-                    f"sample_fn returned {k!r} with shape {v.shape}; expected leading dim {n}"
-                )
+                raise ValueError(f"sample_fn returned {k!r} with shape {v.shape}; expected leading dim {n}")
         return batch
 
     @property

@@ -75,8 +75,7 @@ def load_tfds_arrays(
     images = raw[image_key]
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(
-            f"TFDS {name!r}[{image_key!r}] must be uint8 (N, H, W, C), got {images.dtype} "
-            f"{images.shape}"
+            f"TFDS {name!r}[{image_key!r}] must be uint8 (N, H, W, C), got {images.dtype} {images.shape}"
         )
     out = {"x": uint8_to_unit(images)}
     if label_key in raw:

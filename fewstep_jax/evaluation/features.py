@@ -231,9 +231,9 @@ def load_classifier(path: str | os.PathLike | None = None) -> tuple[dict, dict[s
     if not flat:
         raise ValueError(f"{path} holds no '{_PARAM_PREFIX}*' arrays")
     params = traverse_util.unflatten_dict(flat, sep="/")
-    expected = jax.eval_shape(
-        MnistClassifier().init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))
-    )["params"]
+    expected = jax.eval_shape(MnistClassifier().init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))[
+        "params"
+    ]
     want = {k: v.shape for k, v in traverse_util.flatten_dict(expected, sep="/").items()}
     got = {k: v.shape for k, v in flat.items()}
     if want != got:
@@ -267,9 +267,7 @@ def mnist_features(x: Any, params: Mapping | None = None, batch_size: int = 1000
     return _run(x, params, 1, batch_size)
 
 
-def mnist_classifier_logits(
-    x: Any, params: Mapping | None = None, batch_size: int = 1000
-) -> np.ndarray:
+def mnist_classifier_logits(x: Any, params: Mapping | None = None, batch_size: int = 1000) -> np.ndarray:
     """Class logits (B, 10) of images (B, 28, 28[, 1]) in [-1, 1]; default: shipped weights."""
     return _run(x, params, 0, batch_size)
 

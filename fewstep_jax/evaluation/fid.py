@@ -142,9 +142,7 @@ _activations = jax.jit(_activations_impl, static_argnames=("size",))
 @functools.cache
 def _sharded_activations(mesh: Mesh):
     # Replicated output: every host can read all features (multi-host safe, 8 KB per image).
-    return jax.jit(
-        _activations_impl, static_argnames=("size",), out_shardings=NamedSharding(mesh, P())
-    )
+    return jax.jit(_activations_impl, static_argnames=("size",), out_shardings=NamedSharding(mesh, P()))
 
 
 # ---------------------------------------------------------------------------------------------

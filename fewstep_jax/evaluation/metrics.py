@@ -181,9 +181,7 @@ def _sqrtm_or_none(a: np.ndarray, tol: float = 1e-5) -> np.ndarray | None:
     return x
 
 
-def frechet_distance(
-    mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6
-) -> float:
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
     d^2 = ||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^{1/2})   (the squared W2).

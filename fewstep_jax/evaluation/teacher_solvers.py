@@ -59,15 +59,28 @@ def evaluate_teacher_solvers(
     n_chk = min(200, num_samples)
     tight, _ = reference_flow_map(teacher, x1[:n_chk], rtol=1e-6, atol=1e-6, batch_size=batch_size)
     ref_err = metrics.flow_map_error(ref[:n_chk], tight)
-    log(f"[{testbed.name}] reference flow map: adaptive RK45, {ref_nfe} NFE, mse vs tighter solve {ref_err:.2e}")
+    log(
+        f"[{testbed.name}] reference flow map: adaptive RK45, {ref_nfe} NFE, "
+        f"mse vs a tighter solve {ref_err:.2e}"
+    )
 
     rows = []
-    converged = {"testbed": testbed.name, "method": "teacher (converged)", "nfe": ref_nfe, "flow_map_mse": 0.0}
+    converged = {
+        "testbed": testbed.name,
+        "method": "teacher (converged)",
+        "nfe": ref_nfe,
+        "flow_map_mse": 0.0,
+    }
     converged.update(testbed.distances(ref))
     rows.append(converged)
     if not testbed.is_image:
         fresh = testbed.sample_data(np.random.default_rng(seed + 1), num_samples)["x"]
-        floor = {"testbed": testbed.name, "method": "data (same size)", "nfe": 0, "flow_map_mse": float("nan")}
+        floor = {
+            "testbed": testbed.name,
+            "method": "data (same size)",
+            "nfe": 0,
+            "flow_map_mse": float("nan"),
+        }
         floor.update(testbed.distances(fresh))
         rows.append(floor)
     for method in methods:
@@ -82,8 +95,10 @@ def evaluate_teacher_solvers(
             row["flow_map_mse"] = metrics.flow_map_error(y, ref) if np.isfinite(y).all() else float("nan")
             row.update(testbed.distances(y))
             rows.append(row)
-            log(f"[{testbed.name}] {method:9s} NFE {nfe:3d}: mse {row['flow_map_mse']:.3g} "
-                + " ".join(f"{k} {row[k]:.3g}" for k in testbed.distance_names))
+            log(
+                f"[{testbed.name}] {method:9s} NFE {nfe:3d}: mse {row['flow_map_mse']:.3g} "
+                + " ".join(f"{k} {row[k]:.3g}" for k in testbed.distance_names)
+            )
     # straightness of the teacher's trajectories (METHODS.md 5.1), on a fine RK4 grid
     g = solvers.uniform_grid(32) if grid_kind == "uniform" else solvers.make_grid(grid_kind, 32, teacher.path)
     _, traj = teacher.solve(jnp.asarray(x1[: min(500, num_samples)]), g, "rk4", return_trajectory=True)
@@ -98,4 +113,41 @@ def evaluate_teacher_solvers(
     return {"rows": rows, "reference": reference}
 
 
-__all__ = ["default_grid", "evaluate_teacher_solvers", "solve_batched"]
+def run_evaluate(config, workdir: str) -> dict:
+    """Mode ``evaluate``: the solver table of the configured testbed -> workdir/solvers.{json,md}."""
+    import os
+
+    from fewstep_jax.config_utils import as_tuple
+    from fewstep_jax.evaluation.tables import markdown_table, write_json
+    from fewstep_jax.testbeds import make_testbed
+
+    tb = config.testbed
+    testbed = make_testbed(
+        tb.name,
+        tb.path,
+        num_reference=tb.num_reference,
+        seed=config.seed,
+        mnist_path=tb.mnist_path or None,
+        subset=tb.subset,
+    )
+    ev = config.eval
+    result = evaluate_teacher_solvers(
+        testbed,
+        as_tuple(ev.nfes, int),
+        as_tuple(ev.solvers, str),
+        ev.num_samples,
+        config.seed,
+        ev.grid,
+        ev.batch_size,
+    )
+    cols = ["testbed", "method", "nfe", "flow_map_mse", *testbed.distance_names]
+    table = markdown_table(result["rows"], cols)
+    print(table)
+    os.makedirs(workdir, exist_ok=True)
+    write_json(os.path.join(workdir, "solvers.json"), result)
+    with open(os.path.join(workdir, "solvers.md"), "w") as f:
+        f.write(table + "\n")
+    return result
+
+
+__all__ = ["default_grid", "evaluate_teacher_solvers", "run_evaluate", "solve_batched"]

@@ -38,6 +38,8 @@ class LossInputs:
       others: current params of the other networks of the run, e.g. ``{"student": ...}`` for the
         fake-score loss, ``{"fake": ...}`` for the generator loss.
       step: the global step (int32 scalar).
+      nets: static ``(name, Student)`` pairs wrapping the other networks (e.g. the fake score),
+        so a term can call ``inputs.net("fake").x0_eps(inputs.others["fake"], x, t)``.
     """
 
     teacher: Teacher | None
@@ -45,6 +47,13 @@ class LossInputs:
     ema: dict
     others: dict
     step: Array
+    nets: tuple = flax.struct.field(pytree_node=False, default=())
+
+    def net(self, name: str) -> Student:
+        for n, s in self.nets:
+            if n == name:
+                return s
+        raise KeyError(f"no network {name!r} in this run; networks: {[n for n, _ in self.nets]}")
 
 
 LossTerm = Callable[[Any, LossInputs, dict, Array], tuple[Array, dict]]

@@ -97,9 +97,7 @@ class TimestepEmbedding(nn.Module):
                 param_dtype=jnp.float32,
                 name="cond_proj",
             )(cond)
-        h = nn.Dense(self.features, dtype=self.dtype, param_dtype=jnp.float32, name="linear_1")(
-            sample
-        )
+        h = nn.Dense(self.features, dtype=self.dtype, param_dtype=jnp.float32, name="linear_1")(sample)
         h = nn.silu(h)
         last_init = nn.initializers.zeros if self.zero_init_last else nn.linear.default_kernel_init
         return nn.Dense(
@@ -168,23 +166,29 @@ def conditioning_embedding(
     if use_s:
         s = t if s is None else _per_sample(s, batch, jnp.float32, "s")
         s_freq = timestep_embedding(s * time_scale, freq_dim).astype(dtype)
-        emb = emb + TimestepEmbedding(
-            embed_dim, zero_init_last=True, dtype=dtype, name="s_embedding"
-        )(s_freq)
+        emb = emb + TimestepEmbedding(embed_dim, zero_init_last=True, dtype=dtype, name="s_embedding")(s_freq)
 
     if num_classes > 0:
         # Row `num_classes` is the null (unconditional) class; label -1 selects it.
         lab = _per_sample(-1 if label is None else label, batch, jnp.int32, "label")
         lab = jnp.where(lab < 0, num_classes, lab)
         emb = emb + nn.Embed(
-            num_classes + 1, embed_dim, dtype=dtype, param_dtype=jnp.float32,
-            embedding_init=nn.initializers.normal(1.0), name="class_embedding",
+            num_classes + 1,
+            embed_dim,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            embedding_init=nn.initializers.normal(1.0),
+            name="class_embedding",
         )(lab)
 
     if num_step_classes > 0:
         idx = _per_sample(0 if num_steps is None else num_steps, batch, jnp.int32, "num_steps")
         emb = emb + nn.Embed(
-            num_step_classes, embed_dim, dtype=dtype, param_dtype=jnp.float32,
-            embedding_init=nn.initializers.zeros, name="num_steps_embedding",
+            num_step_classes,
+            embed_dim,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            embedding_init=nn.initializers.zeros,
+            name="num_steps_embedding",
         )(idx)
     return emb

@@ -41,9 +41,7 @@ class ResidualBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, emb: Array, train: bool) -> Array:
-        dense = lambda name: nn.Dense(
-            self.width, dtype=self.dtype, param_dtype=jnp.float32, name=name
-        )
+        dense = lambda name: nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, name=name)
         h = nn.silu(nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="norm1")(x))
         h = dense("dense1")(h) + dense("emb_proj")(nn.silu(emb))
         h = nn.silu(nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="norm2")(h))
@@ -91,20 +89,31 @@ class MLP(nn.Module):
             raise ValueError(f"MLP expects x of shape (B, D), got {x.shape}")
         dtype = compute_dtype(self.dtype)
         emb = conditioning_embedding(
-            x.shape[0], t, s, label, guidance, num_steps,
-            freq_dim=self.emb_dim, embed_dim=self.emb_dim, time_scale=self.time_scale,
-            num_classes=self.num_classes, use_s=self.use_s, use_guidance=self.use_guidance,
-            guidance_embed_dim=self.guidance_embed_dim, num_step_classes=self.num_step_classes,
+            x.shape[0],
+            t,
+            s,
+            label,
+            guidance,
+            num_steps,
+            freq_dim=self.emb_dim,
+            embed_dim=self.emb_dim,
+            time_scale=self.time_scale,
+            num_classes=self.num_classes,
+            use_s=self.use_s,
+            use_guidance=self.use_guidance,
+            guidance_embed_dim=self.guidance_embed_dim,
+            num_step_classes=self.num_step_classes,
             dtype=dtype,
         )
-        h = nn.Dense(self.width, dtype=dtype, param_dtype=jnp.float32, name="input_proj")(
-            x.astype(dtype)
-        )
+        h = nn.Dense(self.width, dtype=dtype, param_dtype=jnp.float32, name="input_proj")(x.astype(dtype))
         for i in range(self.num_layers):
             h = ResidualBlock(self.width, self.dropout, dtype, name=f"blocks_{i}")(h, emb, train)
         h = nn.silu(nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name="norm_out")(h))
         out = nn.Dense(
-            x.shape[-1], kernel_init=nn.initializers.zeros, dtype=dtype,
-            param_dtype=jnp.float32, name="output_proj",
+            x.shape[-1],
+            kernel_init=nn.initializers.zeros,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            name="output_proj",
         )(h)
         return out.astype(jnp.float32)

@@ -45,7 +45,13 @@ Array = jax.Array
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
 _LIST_NAMES = (
-    "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "to_out",
+    "down_blocks",
+    "up_blocks",
+    "resnets",
+    "attentions",
+    "downsamplers",
+    "upsamplers",
+    "to_out",
 )
 
 
@@ -93,15 +99,18 @@ def _conv(features: int, dtype: Dtype, name: str, kernel: int = 3, stride: int =
     # Explicit symmetric padding: torch's padding=1 with stride 2 differs from Flax "SAME".
     pad = kernel // 2
     return nn.Conv(
-        features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-        dtype=dtype, param_dtype=jnp.float32, name=name,
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
     )
 
 
 def _group_norm(groups: int, eps: float, dtype: Dtype, name: str) -> nn.GroupNorm:
-    return nn.GroupNorm(
-        num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name
-    )
+    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class ResnetBlock2D(nn.Module):
@@ -117,9 +126,9 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x: Array, temb: Array, train: bool) -> Array:
         h = nn.silu(_group_norm(self.groups, self.eps, self.dtype, "norm1")(x))
         h = _conv(self.out_channels, self.dtype, "conv1")(h)
-        temb = nn.Dense(
-            self.out_channels, dtype=self.dtype, param_dtype=jnp.float32, name="time_emb_proj"
-        )(nn.silu(temb))
+        temb = nn.Dense(self.out_channels, dtype=self.dtype, param_dtype=jnp.float32, name="time_emb_proj")(
+            nn.silu(temb)
+        )
         h = h + temb[:, None, None, :]
         h = nn.silu(_group_norm(self.groups, self.eps, self.dtype, "norm2")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
@@ -174,13 +183,15 @@ class DownBlock(nn.Module):
         skips = []
         for i in range(self.num_layers):
             x = ResnetBlock2D(
-                self.out_channels, self.groups, self.eps, self.dropout, self.dtype,
+                self.out_channels,
+                self.groups,
+                self.eps,
+                self.dropout,
+                self.dtype,
                 name=f"resnets_{i}",
             )(x, temb, train)
             if self.attention:
-                x = Attention(
-                    self.head_dim, self.groups, self.eps, self.dtype, name=f"attentions_{i}"
-                )(x)
+                x = Attention(self.head_dim, self.groups, self.eps, self.dtype, name=f"attentions_{i}")(x)
             skips.append(x)
         if self.add_downsample:
             # diffusers Downsample2D(name="op") stores its conv as `.conv`.
@@ -232,13 +243,15 @@ class UpBlock(nn.Module):
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
             x = ResnetBlock2D(
-                self.out_channels, self.groups, self.eps, self.dropout, self.dtype,
+                self.out_channels,
+                self.groups,
+                self.eps,
+                self.dropout,
+                self.dtype,
                 name=f"resnets_{i}",
             )(x, temb, train)
             if self.attention:
-                x = Attention(
-                    self.head_dim, self.groups, self.eps, self.dtype, name=f"attentions_{i}"
-                )(x)
+                x = Attention(self.head_dim, self.groups, self.eps, self.dtype, name=f"attentions_{i}")(x)
         if self.add_upsample:
             x = UpsampleConv(self.out_channels, self.dtype, name="upsamplers_0")(x)
         return x
@@ -308,9 +321,7 @@ class UNet2D(nn.Module):
         """x (B, H, W, C), t scalar or (B,) in [0, 1] -> (B, H, W, out_channels) float32."""
         factor = 2 ** (len(self.block_out_channels) - 1)
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"UNet2D expects x of shape (B, H, W, {self.in_channels}), got {x.shape}"
-            )
+            raise ValueError(f"UNet2D expects x of shape (B, H, W, {self.in_channels}), got {x.shape}")
         if x.shape[1] % factor or x.shape[2] % factor:
             raise ValueError(
                 f"UNet2D: spatial size {x.shape[1:3]} must be divisible by {factor} "
@@ -320,10 +331,20 @@ class UNet2D(nn.Module):
         chans = tuple(self.block_out_channels)
         groups, eps = self.norm_num_groups, self.norm_eps
         temb = conditioning_embedding(
-            x.shape[0], t, s, label, guidance, num_steps,
-            freq_dim=chans[0], embed_dim=chans[0] * 4, time_scale=self.time_scale,
-            num_classes=self.num_classes, use_s=self.use_s, use_guidance=self.use_guidance,
-            guidance_embed_dim=self.guidance_embed_dim, num_step_classes=self.num_step_classes,
+            x.shape[0],
+            t,
+            s,
+            label,
+            guidance,
+            num_steps,
+            freq_dim=chans[0],
+            embed_dim=chans[0] * 4,
+            time_scale=self.time_scale,
+            num_classes=self.num_classes,
+            use_s=self.use_s,
+            use_guidance=self.use_guidance,
+            guidance_embed_dim=self.guidance_embed_dim,
+            num_step_classes=self.num_step_classes,
             dtype=dtype,
         )
 
@@ -331,25 +352,37 @@ class UNet2D(nn.Module):
         skips = [h]
         for i, kind in enumerate(self.down_block_types):
             h, block_skips = DownBlock(
-                chans[i], self.layers_per_block, kind == "AttnDownBlock2D",
-                add_downsample=i < len(chans) - 1, head_dim=self.attention_head_dim,
-                groups=groups, eps=eps, dropout=self.dropout, dtype=dtype,
+                chans[i],
+                self.layers_per_block,
+                kind == "AttnDownBlock2D",
+                add_downsample=i < len(chans) - 1,
+                head_dim=self.attention_head_dim,
+                groups=groups,
+                eps=eps,
+                dropout=self.dropout,
+                dtype=dtype,
                 name=f"down_blocks_{i}",
             )(h, temb, train)
             skips.extend(block_skips)
 
-        h = MidBlock(
-            chans[-1], self.attention_head_dim, groups, eps, self.dropout, dtype, name="mid_block"
-        )(h, temb, train)
+        h = MidBlock(chans[-1], self.attention_head_dim, groups, eps, self.dropout, dtype, name="mid_block")(
+            h, temb, train
+        )
 
         rev = chans[::-1]
         n_up = self.layers_per_block + 1
         for i, kind in enumerate(self.up_block_types):
             block_skips, skips = skips[-n_up:], skips[:-n_up]
             h = UpBlock(
-                rev[i], self.layers_per_block + 1, kind == "AttnUpBlock2D",
-                add_upsample=i < len(chans) - 1, head_dim=self.attention_head_dim,
-                groups=groups, eps=eps, dropout=self.dropout, dtype=dtype,
+                rev[i],
+                self.layers_per_block + 1,
+                kind == "AttnUpBlock2D",
+                add_upsample=i < len(chans) - 1,
+                head_dim=self.attention_head_dim,
+                groups=groups,
+                eps=eps,
+                dropout=self.dropout,
+                dtype=dtype,
                 name=f"up_blocks_{i}",
             )(h, block_skips, temb, train)
 
@@ -385,9 +418,11 @@ def validate_unet(m: Any) -> None:
                 f"UNet2D: norm_num_groups={m.norm_num_groups} must divide every "
                 f"block_out_channels entry {chans}"
             )
-    attn_chans = [chans[-1]] + [
-        c for c, k in zip(chans, m.down_block_types) if k == "AttnDownBlock2D"
-    ] + [c for c, k in zip(chans[::-1], m.up_block_types) if k == "AttnUpBlock2D"]
+    attn_chans = (
+        [chans[-1]]
+        + [c for c, k in zip(chans, m.down_block_types) if k == "AttnDownBlock2D"]
+        + [c for c, k in zip(chans[::-1], m.up_block_types) if k == "AttnUpBlock2D"]
+    )
     for c in attn_chans:
         if c % m.attention_head_dim:
             raise ValueError(

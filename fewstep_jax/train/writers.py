@@ -149,8 +149,7 @@ def log_parameter_overview(params: Any, *, include_stats: bool = True) -> str:
     returned. Stats are skipped for abstract (ShapeDtypeStruct) or multi-host sharded leaves."""
     leaves = jax.tree.leaves(params)
     if any(
-        not isinstance(x, np.ndarray | jax.Array)
-        or (isinstance(x, jax.Array) and not x.is_fully_addressable)
+        not isinstance(x, np.ndarray | jax.Array) or (isinstance(x, jax.Array) and not x.is_fully_addressable)
         for x in leaves
     ):
         include_stats = False
@@ -176,9 +175,7 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np
     return grid
 
 
-def write_images(
-    writer: metric_writers.MetricWriter, step: int, images: Mapping[str, np.ndarray]
-) -> None:
+def write_images(writer: metric_writers.MetricWriter, step: int, images: Mapping[str, np.ndarray]) -> None:
     """Write each NHWC batch in [-1, 1] as one uint8 grid image (TensorBoard "images")."""
     grids = {}
     for name, batch in images.items():

@@ -1,0 +1,76 @@
+"""Entry point: ``python -m fewstep_jax.main --config=configs/<file>.py --workdir=<dir>``.
+
+The mode is a config field (``config.mode``); each mode is a function ``run(config, workdir)``
+of the Python API, so a notebook can call the same thing. Config overrides go on the command
+line (``--config.seed=1``); the config is locked, so an unknown key is an error naming it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# mode -> "module:function"; a function takes (config, workdir). Modes appear as issues land.
+MODES = {
+    "evaluate": "fewstep_jax.evaluation.teacher_solvers:run_evaluate",
+}
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Folder holding everything of this run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def resolve_mode(mode: str):
+    """The function running ``mode``; an unknown mode lists the known ones."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; known modes: {sorted(MODES)}")
+    module, fn = MODES[mode].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def save_config(config, workdir: str) -> None:
+    """Writes the resolved config next to the run's outputs (process 0 only)."""
+    import jax
+
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(json.loads(config.to_json_best_effort()), f, indent=1)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config, workdir = FLAGS.config, FLAGS.workdir
+    run = resolve_mode(config.mode)
+    save_config(config, workdir)
+    logging.info("mode %s, workdir %s", config.mode, workdir)
+    run(config, workdir)
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+    """Parses the flags; a config key that does not exist exits with a message naming it."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        overrides = [a.split("=")[0][2:] for a in argv if a.startswith("--config.")]
+        sys.exit(
+            f"error: unknown config key {e} (overrides given: {overrides}). The config is locked: "
+            "only keys defined in configs/base.py or the config file can be set."
+        )
+
+
+def run() -> None:
+    """Console-script entry (``fewstep``)."""
+    sys.path.insert(0, os.getcwd())  # config files import the shared configs/base.py
+    app.run(main, flags_parser=parse_flags_or_exit)
+
+
+if __name__ == "__main__":
+    run()

@@ -6,11 +6,13 @@ Command line overrides: ``--config.testbed.name=checker --config.eval.num_sample
 
 import ml_collections
 
+from fewstep_jax.models import mlp_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # What the run does: "evaluate" (the teacher's solvers on the testbed). Later issues add
-    # "train_teacher", "distill", "sample", "export" and "pipeline" under the same key.
+    # What the run does: "evaluate" (the teacher's solvers on the testbed), "train_teacher",
+    # "distill". Later issues add "sample", "export" and "pipeline" under the same key.
     c.mode = "evaluate"
     c.seed = 0
 
@@ -27,4 +29,55 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.solvers = ("euler", "heun", "rk4", "dpmpp_2m")
     c.eval.grid = "auto"  # auto (uniform for rf, edm otherwise) | uniform | edm | ddpm_leading
     c.eval.batch_size = 1000
+    c.eval.train_nfes = (1, 2, 4, 8)  # NFEs of the periodic/final eval of a training run
+    c.eval.train_solvers = ("euler", "heun")
+    c.eval.train_num_samples = 1000
+
+    # ---- training engine (train_teacher, distill) --------------------------------------------
+    c.model = mlp_config()  # the trained network (fewstep_jax.models.build_model)
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.prediction = "flow"  # train_teacher: the network's output (flow | eps | v | x0)
+    c.teacher.workdir = ""  # distill: a train_teacher workdir; empty = the testbed's analytic teacher
+    c.student = ml_collections.ConfigDict()
+    c.student.form = "euler"  # euler | semilinear
+    c.student.prediction = "flow"
+    c.student.init_from_teacher = True  # distill: copy the teacher network's params when it has one
+    # loss terms of the main network: {term: {"weight": w, ...term kwargs}} (losses/api.py);
+    # config files fill it, e.g. c.losses.flow_matching = {"weight": 1.0}
+    c.losses = ml_collections.ConfigDict()
+    # extra networks with their own optimizer: {name: {"model": ..., "losses": {...},
+    # "optim": {overrides of c.optim}, "update_every": 1, "ema_decay": -1 (off)}}
+    c.aux_nets = ml_collections.ConfigDict()
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1000
+    c.train.batch_size = 256  # global batch, divisible by the device count
+    c.train.log_every = 100
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 2
+    c.train.async_checkpoints = True
+    c.train.eval_every = 0  # 0: only at the end
+    c.train.skip_nonfinite = False  # True: skip updates with a non-finite loss/grad (counted)
+    c.train.main_every = 1  # update the main network every k steps (DMD2's TTUR; aux every step)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adam"  # adam | adamw | radam
+    c.optim.lr = 1e-3
+    c.optim.schedule = "cosine"  # cosine | constant (after the linear warm-up)
+    c.optim.warmup_steps = 100
+    c.optim.min_lr_ratio = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0  # adamw only
+    c.optim.grad_clip = 1.0  # global norm; 0 = off
+
+    c.ema = ml_collections.ConfigDict()
+    c.ema.decay = 0.999  # the "eval" EMA
+    c.ema.target_decay = -1.0  # the "target" EMA (consistency methods); < 0 = none
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1
+    c.mesh.min_shard_size = 2**14  # leaves smaller than this stay replicated
     return c

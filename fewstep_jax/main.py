@@ -18,6 +18,8 @@ from ml_collections import config_flags
 # mode -> "module:function"; a function takes (config, workdir). Modes appear as issues land.
 MODES = {
     "evaluate": "fewstep_jax.evaluation.teacher_solvers:run_evaluate",
+    "train_teacher": "fewstep_jax.train.loop:train_teacher",
+    "distill": "fewstep_jax.train.loop:distill",
 }
 
 FLAGS = flags.FLAGS

@@ -24,6 +24,7 @@ MESH_AXES = ("data", "fsdp")
 ENV_COORDINATOR = "FEWSTEP_COORDINATOR"
 ENV_NUM_PROCESSES = "FEWSTEP_NUM_PROCESSES"
 ENV_PROCESS_ID = "FEWSTEP_PROCESS_ID"
+ENV_DISTRIBUTED = "FEWSTEP_DISTRIBUTED"
 
 
 def initialize_distributed(
@@ -36,9 +37,10 @@ def initialize_distributed(
     """Start `jax.distributed` when asked to; returns whether it is running.
 
     Explicit arguments win; otherwise the FEWSTEP_* environment variables (set by
-    launch/multiprocess.py) are used; `auto=True` calls `jax.distributed.initialize()` with no
-    arguments, which detects the cluster on Cloud TPU pods, SLURM and Kubernetes. With none of
-    these it does nothing (single process). Idempotent. Must run before anything touches a device.
+    launch/multiprocess.py) are used; `auto=True` (or FEWSTEP_DISTRIBUTED=auto) calls
+    `jax.distributed.initialize()` with no arguments, which detects the cluster on Cloud TPU
+    pods, SLURM and Kubernetes. With none of these it does nothing (single process).
+    Idempotent. Must run before anything touches a device.
     """
     if jax.distributed.is_initialized():
         return True
@@ -48,6 +50,8 @@ def initialize_distributed(
         if process_id is None:
             process_id = int(os.environ[ENV_PROCESS_ID])
     explicit = coordinator_address is not None
+    # launch/tpu_pod.sh and launch/slurm.sbatch set FEWSTEP_DISTRIBUTED=auto on every worker
+    auto = auto or os.environ.get(ENV_DISTRIBUTED, "") == "auto"
     if not explicit and not auto:
         return False
     if explicit and (num_processes is None or process_id is None):

@@ -151,20 +151,11 @@ def as_mnist_images(x: Any) -> np.ndarray:
 
 
 def load_mnist(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Arrays of an mnist.npz with images scaled to [-1, 1], shaped (N, 28, 28, 1)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MNIST file not found: {path}")
-    with np.load(path) as f:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
-        if missing:
-            raise ValueError(f"{path} lacks key(s) {sorted(missing)}")
-        out = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    for k in ("x_train", "x_test"):
-        out[k] = as_mnist_images(out[k].astype(np.float32) / 127.5 - 1.0)
-    for k in ("y_train", "y_test"):
-        out[k] = out[k].astype(np.int32)
-    return out
+    """Train and test arrays of an mnist.npz (images (N, 28, 28, 1) in [-1, 1], labels int32)."""
+    from fewstep_jax.data.builtin import load_mnist as load_split
+
+    train, test = load_split(path, "train"), load_split(path, "test")
+    return {"x_train": train["x"], "y_train": train["label"], "x_test": test["x"], "y_test": test["label"]}
 
 
 def train_mnist_classifier(

@@ -1,0 +1,283 @@
+"""Flax params <-> PyTorch state dicts, and the exported folder (safetensors + config.json).
+
+Key rule (one for every network, `fewstep_jax.models.diffusers_key`): the Flax path joined by
+".", diffusers' ModuleList names `down_blocks_0 -> down_blocks.0`, leaves kernel/scale/embedding
+-> weight; Dense kernels (in, out) -> (out, in), Conv kernels HWIO -> OIHW.
+
+An exported folder holds:
+  model.safetensors          weights in torch layout (`diffusion_pytorch_model.safetensors` when
+                             the network is a plain t-only UNet: diffusers layout, see below)
+  config.json                {"fewstep": {architecture, model, data_shape, input_shape, weights,
+                             dtype, path, prediction, method, student_form, uses_s, sampler,
+                             time_offset, ...meta}} (+ UNet2DModel's kwargs at top level in the
+                             diffusers layout, so `UNet2DModel.from_pretrained(folder)` works)
+  README.md                  how to load and sample it in plain PyTorch
+  torch_models.py, torch_sampler.py   the PyTorch mirrors and samplers (no JAX needed)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from fewstep_jax.models import build_model, diffusers_config, diffusers_key, to_diffusers_state_dict
+from fewstep_jax.paths import Path
+
+WEIGHTS_NAME = "model.safetensors"
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+CONFIG_NAME = "config.json"
+PREDICTIONS = ("flow", "x0", "eps", "v")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_COPIED = ("torch_models.py", "torch_sampler.py")
+
+
+# ---- params <-> state dict ----------------------------------------------------------------------
+def data_shape_of(params: Any, model_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Shape of one sample the network takes: (D,) for the MLP, (H, W, C) for the UNet."""
+    name = model_cfg.get("name")
+    if name == "mlp":
+        flat = traverse_util.flatten_dict(_strip(params))
+        key = ("input_proj", "kernel")
+        if key not in flat:
+            raise ValueError("MLP params have no 'input_proj/kernel' (is this an MLP?)")
+        return (int(flat[key].shape[0]),)
+    if name == "unet":
+        size = int(model_cfg.sample_size)
+        return (size, size, int(model_cfg.in_channels))
+    raise ValueError(f"unknown architecture {name!r}; expected one of ['mlp', 'unet']")
+
+
+def param_shapes(model_cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> dict[tuple, tuple]:
+    """{Flax param path: shape} of the network `model_cfg` builds (no compile, no allocation)."""
+    model = build_model(model_cfg)
+    x = jax.ShapeDtypeStruct((1, *data_shape), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, jnp.zeros((1,)))["params"]
+    return {p: tuple(v.shape) for p, v in traverse_util.flatten_dict(shapes).items()}
+
+
+def check_params(params: Any, model_cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> None:
+    """ValueError naming the first missing / unexpected / mis-shaped param."""
+    want = param_shapes(model_cfg, data_shape)
+    got = {p: tuple(np.shape(v)) for p, v in traverse_util.flatten_dict(_strip(params)).items()}
+    missing = sorted("/".join(p) for p in set(want) - set(got))
+    extra = sorted("/".join(p) for p in set(got) - set(want))
+    if missing or extra:
+        raise ValueError(f"params do not match the model config: missing {missing}, unexpected {extra}")
+    for p, shape in want.items():
+        if got[p] != shape:
+            raise ValueError(f"shape mismatch at {'/'.join(p)!r}: params {got[p]} vs config {shape}")
+
+
+def to_state_dict(params: Any) -> dict[str, np.ndarray]:
+    """Flax params of any fewstep network -> {torch key: float32 array in torch layout}."""
+    return to_diffusers_state_dict(_strip(params))
+
+
+def from_state_dict(
+    state: dict[str, Any], model_cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...]
+) -> dict[str, Any]:
+    """Inverse of `to_state_dict`: {torch key: array} -> Flax params (float32) of `model_cfg`.
+
+    A key the config needs but the state lacks, a key it does not know, or a tensor of another
+    shape is a ValueError naming the key.
+    """
+    want = param_shapes(model_cfg, data_shape)
+    by_key = {diffusers_key(p): p for p in want}
+    missing = sorted(set(by_key) - set(state))
+    unexpected = sorted(set(state) - set(by_key))
+    if missing or unexpected:
+        raise ValueError(
+            f"state dict does not match the model config: missing keys {missing}, unexpected keys {unexpected}"
+        )
+    flat = {}
+    for key, path in by_key.items():
+        arr = np.asarray(state[key], np.float32)
+        if path[-1] == "kernel" and arr.ndim == 4:
+            arr = arr.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        elif path[-1] == "kernel" and arr.ndim == 2:
+            arr = arr.T
+        if tuple(arr.shape) != want[path]:
+            raise ValueError(
+                f"shape mismatch at {key!r}: file {tuple(np.shape(state[key]))} does not give the "
+                f"config's {want[path]} (Flax layout)"
+            )
+        flat[path] = jnp.asarray(np.ascontiguousarray(arr))
+    return traverse_util.unflatten_dict(flat)
+
+
+def is_diffusers_compatible(model_cfg: ml_collections.ConfigDict) -> bool:
+    """A UNet taking only t (and optionally a class label) is a plain diffusers UNet2DModel."""
+    return model_cfg.get("name") == "unet" and not (
+        model_cfg.get("use_s", False) or model_cfg.get("use_guidance", False) or model_cfg.get("num_step_classes", 0)
+    )
+
+
+# ---- export -------------------------------------------------------------------------------------
+def export_params(
+    params: Any,
+    model_cfg: ml_collections.ConfigDict,
+    out_dir: str,
+    *,
+    dtype: str = "float32",
+    meta: dict[str, Any],
+    overwrite: bool = False,
+) -> str:
+    """Write the exported folder `out_dir` (see module docstring); returns its config.json path.
+
+    meta: "path" (a fewstep_jax Path or {"name": ..., **params}) and "prediction" ("flow" | "x0"
+    | "eps" | "v") are required; "method", "student_form" ("euler" | "semilinear"), "uses_s",
+    "sampler" ({"grid": [...], "gamma": float, ...}), "time_offset" (network time = t *
+    time_scale + time_offset) and any other JSON-serialisable key are stored as given.
+    An existing `out_dir` is a FileExistsError unless overwrite=True.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"export dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"export folder {out_dir!r} already exists; pass overwrite=True to replace it")
+    fewstep = _fewstep_section(meta)
+    data_shape = data_shape_of(params, model_cfg)
+    check_params(params, model_cfg, data_shape)
+
+    diffusers_layout = is_diffusers_compatible(model_cfg)
+    weights = DIFFUSERS_WEIGHTS_NAME if diffusers_layout else WEIGHTS_NAME
+    input_shape = data_shape if len(data_shape) == 1 else (data_shape[2], data_shape[0], data_shape[1])
+    fewstep.update(
+        architecture=model_cfg.name,
+        model=_jsonable(model_cfg.to_dict()),
+        data_shape=list(data_shape),
+        input_shape=list(input_shape),
+        weights=weights,
+        dtype=dtype,
+        diffusers_layout=diffusers_layout,
+    )
+    config: dict[str, Any] = {}
+    if diffusers_layout:
+        import diffusers
+
+        config.update(
+            {"_class_name": "UNet2DModel", "_diffusers_version": diffusers.__version__},
+            **_jsonable(diffusers_config(model_cfg)),
+        )
+    config["fewstep"] = fewstep
+
+    tdtype = torch.float32 if dtype == "float32" else torch.bfloat16
+    tensors = {k: torch.from_numpy(v).to(tdtype).contiguous() for k, v in to_state_dict(params).items()}
+
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in (WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME):  # a previous export's other layout
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
+    save_file(tensors, os.path.join(out_dir, weights), metadata={"format": "pt"})
+    config_path = os.path.join(out_dir, CONFIG_NAME)
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(_readme(fewstep))
+    for name in _COPIED:
+        shutil.copyfile(os.path.join(_HERE, name), os.path.join(out_dir, name))
+    return config_path
+
+
+def _fewstep_section(meta: dict[str, Any]) -> dict[str, Any]:
+    for key in ("path", "prediction"):
+        if key not in meta:
+            raise ValueError(f"export meta needs {key!r} (got keys {sorted(meta)})")
+    out = {k: _jsonable(v) for k, v in meta.items() if k != "path"}
+    out["path"] = path_dict(meta["path"])
+    if out["prediction"] not in PREDICTIONS:
+        raise ValueError(f"meta prediction must be one of {PREDICTIONS}, got {out['prediction']!r}")
+    out.setdefault("student_form", "euler")
+    if out["student_form"] not in ("euler", "semilinear"):
+        raise ValueError(f"meta student_form must be 'euler' or 'semilinear', got {out['student_form']!r}")
+    out.setdefault("uses_s", False)
+    out.setdefault("time_offset", 0.0)
+    out.setdefault("method", None)
+    out.setdefault("sampler", None)
+    out["format"] = "fewstep_jax"
+    out["format_version"] = 1
+    return out
+
+
+def path_dict(path: Path | dict[str, Any]) -> dict[str, Any]:
+    """{"name": ..., **params} of a path (what torch_sampler.Path(**d) takes)."""
+    if isinstance(path, dict):
+        if "name" not in path:
+            raise ValueError(f"meta path dict needs a 'name', got {path}")
+        return _jsonable(path)
+    if dataclasses.is_dataclass(path):
+        return _jsonable(dataclasses.asdict(path))
+    raise ValueError(f"meta path must be a fewstep_jax Path or a dict, got {type(path).__name__}")
+
+
+def _readme(f: dict[str, Any]) -> str:
+    layout = ""
+    if f["diffusers_layout"]:
+        layout = (
+            "\nThe weights also load as a diffusers `UNet2DModel` (NCHW); its `timestep` argument is\n"
+            f"`t * {f['model'].get('time_scale', 1000.0)} + {f['time_offset']}`:\n\n"
+            "```python\nfrom diffusers import UNet2DModel\nunet = UNet2DModel.from_pretrained(folder)\n```\n"
+        )
+    return f"""# fewstep-jax export: {f["architecture"]} ({f.get("method") or "network"})
+
+Path `{f["path"]["name"]}`, prediction `{f["prediction"]}`, student form `{f["student_form"]}`,
+time t in [0, 1] (t = 1 noise, t = 0 data), recommended sampler: `{json.dumps(f["sampler"])}`.
+Needs torch and safetensors (the UNet also needs diffusers); no JAX.
+
+```python
+import sys, torch
+folder = "path/to/this/folder"
+sys.path.insert(0, folder)
+from torch_models import load_exported
+from torch_sampler import sample_exported
+
+model, cfg = load_exported(folder)
+samples = sample_exported(model, cfg, torch.randn(16, *cfg["input_shape"]))  # grid/gamma overridable
+out = model(torch.randn(4, *cfg["input_shape"]), torch.full((4,), 0.5))   # the raw network
+```
+{layout}"""
+
+
+def _strip(params: Any) -> Any:
+    params = params.unfreeze() if hasattr(params, "unfreeze") else params
+    return params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.ndarray, jax.Array)):
+        return np.asarray(v).tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise ValueError(f"export meta value {v!r} of type {type(v).__name__} is not JSON-serialisable")
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "DIFFUSERS_WEIGHTS_NAME",
+    "WEIGHTS_NAME",
+    "check_params",
+    "data_shape_of",
+    "export_params",
+    "from_state_dict",
+    "is_diffusers_compatible",
+    "param_shapes",
+    "path_dict",
+    "to_state_dict",
+]

@@ -1,0 +1,188 @@
+"""The jitted train step: aux networks update first, then the main network, all in one program.
+
+``train_step(state, teacher, batch) -> (state, metrics)`` is pure. The teacher is an argument
+(a pytree whose params are leaves), so its weights are never compiled in nor checkpointed.
+Loss terms come from the registry by config: ``config.losses = {term: {"weight": w, ...}}`` for
+the main network and ``config.aux_nets.<name>.losses`` for an aux network. Each term gets its
+own gradient (so a non-finite value is traced to the term that produced it); the network's
+update uses the weighted sum.
+
+Metrics (float32 scalars): ``loss`` (weighted total of the main net), ``loss/<term>`` (raw),
+``weighted/<term>``, ``<term>/<metric>`` (the term's own), ``nonfinite/<term>`` (1.0 if the
+term's loss or gradient is not finite), ``grad_norm``, ``skipped``; aux nets prefix with
+``<name>/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from fewstep_jax import parallel
+from fewstep_jax.losses.api import LossInputs, get_factory
+from fewstep_jax.students import Student
+from fewstep_jax.train.state import TrainState, make_optimizers
+
+Array = jax.Array
+MAIN = "student"  # the main network's name in LossInputs.others
+
+
+class Term(NamedTuple):
+    name: str
+    weight: float
+    fn: Callable
+
+
+def build_terms(losses: ml_collections.ConfigDict, student: Student, where: str) -> tuple[Term, ...]:
+    """Loss terms of one network from its ``losses`` block, sorted by name."""
+    if not losses:
+        raise ValueError(f"{where} has no loss terms: set {where}.<term>.weight")
+    terms = []
+    for name in sorted(losses.keys()):
+        cfg = losses[name]
+        if "weight" not in cfg:
+            raise ValueError(f"{where}.{name} needs a 'weight'")
+        kwargs = ml_collections.ConfigDict({k: v for k, v in cfg.items() if k != "weight"})
+        terms.append(Term(name, float(cfg.weight), get_factory(name)(kwargs, student)))
+    return tuple(terms)
+
+
+def _all_finite(tree) -> Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _select(ok: Array, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def _ema(decay: float, ema, params):
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def _loss_and_grads(terms, params, inputs, batch, keys, prefix: str):
+    """Per-term losses and gradients, the weighted total and the metrics of one network."""
+    metrics, total, grads, finite = {}, jnp.zeros((), jnp.float32), None, []
+    for term, key in zip(terms, keys, strict=True):
+        (loss, tm), g = jax.value_and_grad(term.fn, has_aux=True)(params, inputs, batch, key)
+        loss = loss.astype(jnp.float32)
+        ok = jnp.isfinite(loss) & _all_finite(g)
+        finite.append(ok)
+        metrics[f"{prefix}loss/{term.name}"] = loss
+        metrics[f"{prefix}weighted/{term.name}"] = term.weight * loss
+        metrics[f"{prefix}nonfinite/{term.name}"] = (~ok).astype(jnp.float32)
+        for k, v in tm.items():
+            metrics[f"{prefix}{term.name}/{k}"] = jnp.asarray(v, jnp.float32)
+        total = total + term.weight * loss
+        g = jax.tree.map(lambda x: term.weight * x.astype(jnp.float32), g)
+        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    metrics[f"{prefix}loss"] = total
+    metrics[f"{prefix}grad_norm"] = optax.global_norm(grads)
+    return grads, metrics, jnp.all(jnp.stack(finite))
+
+
+def make_step_fn(
+    config: ml_collections.ConfigDict, student: Student, nets: dict[str, Student] | None = None
+) -> Callable:
+    """The pure (un-jitted) ``step(state, teacher, batch) -> (state, metrics)``."""
+    nets = dict(nets or {})
+    if set(nets) != set(config.aux_nets.keys()):
+        raise ValueError(f"aux networks {sorted(nets)} do not match config.aux_nets {sorted(config.aux_nets.keys())}")
+    tx, aux_tx = make_optimizers(config)
+    main_terms = build_terms(config.losses, student, "config.losses")
+    aux_terms = {n: build_terms(config.aux_nets[n].losses, nets[n], f"config.aux_nets.{n}.losses") for n in nets}
+    aux_order = sorted(nets)
+    static_nets = tuple((n, nets[n]) for n in aux_order) + ((MAIN, student),)
+    ema_decay = {"eval": float(config.ema.decay), "target": float(config.ema.target_decay)}
+    skip = bool(config.train.skip_nonfinite)
+    main_every = int(config.train.get("main_every", 1))
+    num_keys = len(main_terms) + sum(len(t) for t in aux_terms.values())
+
+    def step(state: TrainState, teacher: Any, batch: dict) -> tuple[TrainState, dict]:
+        keys = list(jax.random.split(jax.random.fold_in(state.rng, state.step), num_keys))
+        sg = jax.lax.stop_gradient
+        metrics: dict[str, Array] = {}
+        all_ok = []
+        aux = dict(state.aux)
+        # aux networks first: they see the main network's current params
+        for name in aux_order:
+            entry, terms = aux[name], aux_terms[name]
+            acfg = config.aux_nets[name]
+            others = {MAIN: state.params, **{n: aux[n]["params"] for n in aux_order if n != name}}
+            inputs = LossInputs(teacher, student, sg(entry.get("ema", {})), sg(others), state.step, static_nets)
+            ks, keys = keys[: len(terms)], keys[len(terms) :]
+            grads, m, ok = _loss_and_grads(terms, entry["params"], inputs, batch, ks, f"{name}/")
+            metrics.update(m)
+            upd, opt = aux_tx[name].update(grads, entry["opt_state"], entry["params"])
+            new = {"params": optax.apply_updates(entry["params"], upd), "opt_state": opt}
+            if "ema" in entry:
+                new["ema"] = _ema(float(acfg.ema_decay), entry["ema"], new["params"])
+            due = (state.step % int(acfg.get("update_every", 1))) == 0
+            do = due & ok if skip else due
+            aux[name] = _select(do, new, entry)
+            all_ok.append(ok)
+        others = {n: aux[n]["params"] for n in aux_order}
+        inputs = LossInputs(teacher, student, sg(state.ema), sg(others), state.step, static_nets)
+        grads, m, ok = _loss_and_grads(main_terms, state.params, inputs, batch, keys, "")
+        metrics.update(m)
+        upd, opt = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, upd)
+        ema = {n: _ema(ema_decay[n], e, params) for n, e in state.ema.items()}
+        due = (state.step % main_every) == 0
+        do = due & ok if skip else due
+        params, opt, ema = _select(do, (params, opt, ema), (state.params, state.opt_state, state.ema))
+        all_ok.append(ok)
+        good = jnp.all(jnp.stack(all_ok))
+        skipped = (~good).astype(jnp.int32) if skip else jnp.zeros((), jnp.int32)
+        metrics["skipped"] = skipped.astype(jnp.float32)
+        new_state = state.replace(
+            step=state.step + 1, params=params, ema=ema, opt_state=opt, aux=aux,
+            num_skipped=state.num_skipped + skipped,
+        )  # fmt: skip
+        metrics["num_skipped"] = new_state.num_skipped.astype(jnp.float32)
+        return new_state, metrics
+
+    return step
+
+
+def state_shardings(state: Any, mesh: Mesh, min_size: int = 2**14) -> Any:
+    """Shardings of a (possibly abstract) TrainState: params, EMA and optimizer state split over
+    "fsdp" by parallel.param_sharding, scalars and the rng replicated."""
+    return parallel.param_sharding(state, mesh, min_size=min_size)
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    student: Student,
+    nets: dict[str, Student] | None = None,
+    *,
+    mesh: Mesh | None = None,
+    state_sharding: Any = None,
+) -> Callable:
+    """``jax.jit`` of :func:`make_step_fn`, the state donated.
+
+    With a ``mesh``: in/out shardings are ``state_sharding`` for the state (default: computed
+    from the first state seen is not possible under jit, so pass it), the teacher replicated
+    (its arrays are committed by the caller), the batch split by ``parallel.batch_sharding``,
+    and metrics replicated.
+    """
+    fn = make_step_fn(config, student, nets)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=0)
+    if state_sharding is None:
+        raise ValueError("make_train_step: a mesh needs state_sharding (see state_shardings)")
+    return jax.jit(
+        fn,
+        in_shardings=(state_sharding, parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        out_shardings=(state_sharding, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+__all__ = ["MAIN", "Term", "build_terms", "make_step_fn", "make_train_step", "state_shardings"]

@@ -2,7 +2,9 @@
 
 python -m fewstep_jax.main --config=configs/gmm8_teacher.py --workdir=runs/gmm8_teacher
 
-Budget: see the measured time in the docstring line below (2 busy CPU cores).
+Measured: 3000 steps at batch 512 take about 60 s of CPU time (1 device; ~25-45 steps/s),
+4.5 min wall on 2 cores shared with other jobs. Result (1000 samples, same noise): Euler 8 NFE
+sw2 0.161 vs 0.100 for the analytic teacher; 4 NFE 0.173 vs 0.110; 1 NFE 1.27 vs 1.42.
 """
 
 from configs import base

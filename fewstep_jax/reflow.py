@@ -48,7 +48,9 @@ def generate_pairs(
     if num_pairs < 1 or batch_size < 1:
         raise ValueError(f"num_pairs and batch_size must be >= 1, got {num_pairs}, {batch_size}")
     if method != "adaptive" and method not in solvers.FIXED_STEP_SOLVERS:
-        raise ValueError(f"unknown solver {method!r}; expected 'adaptive' or one of {solvers.FIXED_STEP_SOLVERS}")
+        raise ValueError(
+            f"unknown solver {method!r}; expected 'adaptive' or one of {solvers.FIXED_STEP_SOLVERS}"
+        )
     if labels is not None:
         labels = np.asarray(labels, np.int32)
         if labels.shape != (num_pairs,):

@@ -111,7 +111,9 @@ def chain(
     n = grid.shape[0] - 1
     if injected is None:
         if not isinstance(gamma, jax.core.Tracer) and float(gamma) > 0 and n > 1:
-            raise ValueError(f"gamma = {gamma} > 0 needs injected noise of shape {(n - 1, *x.shape)} (or an rng)")
+            raise ValueError(
+                f"gamma = {gamma} > 0 needs injected noise of shape {(n - 1, *x.shape)} (or an rng)"
+            )
         injected = jnp.zeros((max(n - 1, 0), *x.shape), x.dtype)
     if injected.shape != (n - 1, *x.shape):
         raise ValueError(f"injected noise must have shape {(n - 1, *x.shape)}, got {injected.shape}")

@@ -68,9 +68,7 @@ def _pick(origin: np.ndarray, num_steps: int, original_steps: int | None, num_tr
             f"num_inference_steps {num_steps}"
         )
     if original_steps is not None and num_steps > original_steps:
-        raise ValueError(
-            f"num_inference_steps {num_steps} exceeds original_inference_steps {original_steps}"
-        )
+        raise ValueError(f"num_inference_steps {num_steps} exceeds original_inference_steps {original_steps}")
     origin = origin[::-1]
     idx = np.floor(np.linspace(0, len(origin), num=num_steps, endpoint=False)).astype(np.int64)
     return origin[idx].copy()
@@ -313,9 +311,7 @@ def ddim_sample(
 # ---------------------------------------------------------------------------------------------
 
 
-def ddim_solver_tables(
-    abar: np.ndarray, num_ddim_timesteps: int = 50
-) -> tuple[np.ndarray, np.ndarray, int]:
+def ddim_solver_tables(abar: np.ndarray, num_ddim_timesteps: int = 50) -> tuple[np.ndarray, np.ndarray, int]:
     """``(ddim_timesteps, alpha_cumprod_prev, k)`` of the distillation solver.
 
     ``ddim_timesteps = k i - 1`` for i = 1..N (19..999 for N = 50), and ``alpha_cumprod_prev[i]``

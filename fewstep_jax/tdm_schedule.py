@@ -109,7 +109,9 @@ class TDMSchedule:
         kmax = self.max_steps
         starts, lows = [], []
         for k in self.steps_set:
-            s, lo = step_intervals(int(k), integer=self.integer, t_max=self.t_max, total_steps=self.total_steps)
+            s, lo = step_intervals(
+                int(k), integer=self.integer, t_max=self.t_max, total_steps=self.total_steps
+            )
             starts.append(np.concatenate([s, np.full(kmax - k, s[-1])]))
             lows.append(np.concatenate([lo, np.full(kmax - k, lo[-1])]))
         return np.stack(starts), np.stack(lows)

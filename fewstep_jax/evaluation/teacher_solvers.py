@@ -8,7 +8,7 @@ samples of the same size (the finite-sample floor of the distance).
 
 from __future__ import annotations
 
-import time
+import os
 from functools import partial
 
 import jax
@@ -17,7 +17,8 @@ import numpy as np
 
 from fewstep_jax import solvers
 from fewstep_jax.evaluation import metrics
-from fewstep_jax.testbeds import Testbed, reference_flow_map
+from fewstep_jax.evaluation.scoring import evaluate_samplers, make_reference, reference_rows
+from fewstep_jax.testbeds import Testbed
 
 
 def default_grid(path_name: str) -> str:
@@ -39,6 +40,22 @@ def solve_batched(teacher, x1: np.ndarray, grid: np.ndarray, method: str, batch_
     return np.concatenate(out)
 
 
+def solver_samplers(teacher, methods, grid_kind: str, batch_size: int = 1000) -> dict:
+    """The teacher's fixed-step solvers as samplers: ``x1, nfe -> x0`` (None when nfe does not divide)."""
+
+    def make(method):
+        def sampler(x1, nfe):
+            per = solvers.NFE_PER_STEP[method]
+            if nfe % per:
+                return None
+            grid = solvers.make_grid(grid_kind, nfe // per, teacher.path)
+            return solve_batched(teacher, x1, grid, method, batch_size)
+
+        return sampler
+
+    return {m: make(m) for m in methods}
+
+
 def evaluate_teacher_solvers(
     testbed: Testbed,
     nfes=(1, 2, 4, 8, 16, 32, 64),
@@ -48,75 +65,42 @@ def evaluate_teacher_solvers(
     grid: str = "auto",
     batch_size: int = 1000,
     log=print,
+    keep: dict | None = None,
 ) -> dict:
-    """Runs the table on one testbed; returns ``{"rows": [...], "reference": {...}}``."""
+    """Runs the table on one testbed; returns ``{"rows": [...], "reference": {...}}``.
+
+    With ``keep`` (a dict), samples at NFE 1, 2, 4, 8 land in ``keep[method][nfe]``, the reference
+    flow map in ``keep["teacher (converged)"]`` and 2-D teacher trajectories in ``keep["_trajectories"]``.
+    """
     teacher = testbed.teacher
     grid_kind = default_grid(teacher.path.name) if grid == "auto" else grid
-    x1 = np.asarray(teacher.prior(jax.random.PRNGKey(seed), num_samples))
-    t0 = time.time()
-    ref, ref_nfe = reference_flow_map(teacher, x1, batch_size=batch_size)
-    # accuracy of the reference: against a 10x tighter tolerance on a subset
-    n_chk = min(200, num_samples)
-    tight, _ = reference_flow_map(teacher, x1[:n_chk], rtol=1e-6, atol=1e-6, batch_size=batch_size)
-    ref_err = metrics.flow_map_error(ref[:n_chk], tight)
+    ref = make_reference(testbed, num_samples, seed, batch_size)
     log(
-        f"[{testbed.name}] reference flow map: adaptive RK45, {ref_nfe} NFE, "
-        f"mse vs a tighter solve {ref_err:.2e}"
+        f"[{testbed.name}] reference flow map: adaptive RK45, {ref.nfe} NFE, "
+        f"mse vs a tighter solve {ref.mse_vs_tighter:.2e}"
     )
-
-    rows = []
-    converged = {
-        "testbed": testbed.name,
-        "method": "teacher (converged)",
-        "nfe": ref_nfe,
-        "flow_map_mse": 0.0,
-    }
-    converged.update(testbed.distances(ref))
-    rows.append(converged)
-    if not testbed.is_image:
-        fresh = testbed.sample_data(np.random.default_rng(seed + 1), num_samples)["x"]
-        floor = {
-            "testbed": testbed.name,
-            "method": "data (same size)",
-            "nfe": 0,
-            "flow_map_mse": float("nan"),
-        }
-        floor.update(testbed.distances(fresh))
-        rows.append(floor)
-    for method in methods:
-        for nfe in nfes:
-            per = solvers.NFE_PER_STEP[method]
-            if nfe % per:
-                continue
-            steps = nfe // per
-            g = solvers.make_grid(grid_kind, steps, teacher.path)
-            y = solve_batched(teacher, x1, g, method, batch_size)
-            row = {"testbed": testbed.name, "method": method, "nfe": nfe}
-            row["flow_map_mse"] = metrics.flow_map_error(y, ref) if np.isfinite(y).all() else float("nan")
-            row.update(testbed.distances(y))
-            rows.append(row)
-            log(
-                f"[{testbed.name}] {method:9s} NFE {nfe:3d}: mse {row['flow_map_mse']:.3g} "
-                + " ".join(f"{k} {row[k]:.3g}" for k in testbed.distance_names)
-            )
+    rows = reference_rows(testbed, ref, seed)
+    samplers = solver_samplers(teacher, methods, grid_kind, batch_size)
+    rows += evaluate_samplers(testbed, samplers, nfes, ref, log, keep=keep, keep_nfes=(1, 2, 4, 8))
     # straightness of the teacher's trajectories (METHODS.md 5.1), on a fine RK4 grid
-    g = solvers.uniform_grid(32) if grid_kind == "uniform" else solvers.make_grid(grid_kind, 32, teacher.path)
-    _, traj = teacher.solve(jnp.asarray(x1[: min(500, num_samples)]), g, "rk4", return_trajectory=True)
+    g = solvers.make_grid(grid_kind, 32, teacher.path)
+    _, traj = teacher.solve(jnp.asarray(ref.x1[:500]), g, "rk4", return_trajectory=True)
+    if keep is not None:
+        keep["teacher (converged)"] = {"exact": ref.x0}
+        keep["_trajectories"] = {"teacher ODE (RK4, 32 steps)": np.asarray(traj)}
     reference = {
         "solver": "dopri5",
-        "nfe": ref_nfe,
-        "mse_vs_tighter": ref_err,
+        "nfe": ref.nfe,
+        "mse_vs_tighter": ref.mse_vs_tighter,
         "grid": grid_kind,
         "straightness": metrics.straightness(np.asarray(traj), g),
-        "seconds": time.time() - t0,
+        "seconds": ref.seconds,
     }
     return {"rows": rows, "reference": reference}
 
 
 def run_evaluate(config, workdir: str) -> dict:
     """Mode ``evaluate``: the solver table of the configured testbed -> workdir/solvers.{json,md}."""
-    import os
-
     from fewstep_jax.config_utils import as_tuple
     from fewstep_jax.evaluation.tables import markdown_table, write_json
     from fewstep_jax.testbeds import make_testbed
@@ -131,6 +115,7 @@ def run_evaluate(config, workdir: str) -> dict:
         subset=tb.subset,
     )
     ev = config.eval
+    keep: dict = {}
     result = evaluate_teacher_solvers(
         testbed,
         as_tuple(ev.nfes, int),
@@ -139,6 +124,7 @@ def run_evaluate(config, workdir: str) -> dict:
         config.seed,
         ev.grid,
         ev.batch_size,
+        keep=keep,
     )
     cols = ["testbed", "method", "nfe", "flow_map_mse", *testbed.distance_names]
     table = markdown_table(result["rows"], cols)
@@ -147,7 +133,44 @@ def run_evaluate(config, workdir: str) -> dict:
     write_json(os.path.join(workdir, "solvers.json"), result)
     with open(os.path.join(workdir, "solvers.md"), "w") as f:
         f.write(table + "\n")
+    _write_solver_report(workdir, testbed, result, keep, cols)
     return result
 
 
-__all__ = ["default_grid", "evaluate_teacher_solvers", "run_evaluate", "solve_batched"]
+def _write_solver_report(workdir, testbed, result, keep, cols) -> str:
+    from fewstep_jax.evaluation import report
+
+    trajectories = keep.pop("_trajectories", {})
+    converged = keep.pop("teacher (converged)")
+    panels = {m: {n: x for n, x in by.items() if n <= 8} for m, by in keep.items()}
+    panels["teacher (converged)"] = converged
+    figs = {
+        "Samples per NFE": report.plot_samples(
+            panels,
+            os.path.join(workdir, "samples.png"),
+            reference=None if testbed.is_image else testbed.reference["x"],
+        )
+    }
+    if not testbed.is_image:
+        figs["Teacher trajectories"] = report.plot_trajectories(
+            trajectories, os.path.join(workdir, "trajectories.png")
+        )
+    ref = result["reference"]
+    notes = (
+        f"Testbed `{testbed.name}` on the `{testbed.teacher.path.name}` path. Flow-map MSE is against "
+        f"the exact flow map (adaptive RK45, {ref['nfe']} NFE, MSE {ref['mse_vs_tighter']:.1e} against "
+        f"a 10x tighter solve); grid `{ref['grid']}`. Straightness of the teacher's trajectories: "
+        f"{ref['straightness']:.3g} (0 = straight lines)."
+    )
+    return report.write_report(
+        workdir, f"Teacher solvers on {testbed.name}", result["rows"], cols, figs, notes
+    )
+
+
+__all__ = [
+    "default_grid",
+    "evaluate_teacher_solvers",
+    "run_evaluate",
+    "solve_batched",
+    "solver_samplers",
+]

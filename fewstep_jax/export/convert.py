@@ -96,7 +96,8 @@ def from_state_dict(
     unexpected = sorted(set(state) - set(by_key))
     if missing or unexpected:
         raise ValueError(
-            f"state dict does not match the model config: missing keys {missing}, unexpected keys {unexpected}"
+            f"state dict does not match the model config: missing keys {missing}, "
+            f"unexpected keys {unexpected}"
         )
     flat = {}
     for key, path in by_key.items():
@@ -116,9 +117,8 @@ def from_state_dict(
 
 def is_diffusers_compatible(model_cfg: ml_collections.ConfigDict) -> bool:
     """A UNet taking only t (and optionally a class label) is a plain diffusers UNet2DModel."""
-    return model_cfg.get("name") == "unet" and not (
-        model_cfg.get("use_s", False) or model_cfg.get("use_guidance", False) or model_cfg.get("num_step_classes", 0)
-    )
+    extra = ("use_s", "use_guidance", "num_step_classes")
+    return model_cfg.get("name") == "unet" and not any(model_cfg.get(k, 0) for k in extra)
 
 
 # ---- export -------------------------------------------------------------------------------------

@@ -91,16 +91,20 @@ def unet_config_from_diffusers(dcfg: dict[str, Any]) -> ml_collections.ConfigDic
     if cls != "UNet2DModel":
         raise ValueError(f"unknown architecture {cls!r}: only diffusers' UNet2DModel can be imported")
     for key, value in _FIXED.items():
-        if key in dcfg and dcfg[key] != value and not (key == "mid_block_scale_factor" and float(dcfg[key]) == 1.0):
-            raise ValueError(f"UNet2DModel config field {key}={dcfg[key]!r} is not supported (only {value!r})")
+        if key in dcfg and dcfg[key] != value:
+            raise ValueError(
+                f"UNet2DModel config field {key}={dcfg[key]!r} is not supported (only {value!r})"
+            )
     size = dcfg.get("sample_size")
     if isinstance(size, (list, tuple)):
         if len(size) != 2 or size[0] != size[1]:
-            raise ValueError(f"UNet2DModel config field sample_size={size!r}: only square sizes are supported")
+            raise ValueError(f"UNet2DModel config field sample_size={size!r}: only square sizes")
         size = size[0]
     if size is None:
         raise ValueError("UNet2DModel config field sample_size is missing")
     chans = tuple(int(c) for c in dcfg.get("block_out_channels", (224, 448, 672, 896)))
+    down_default = ("DownBlock2D",) + ("AttnDownBlock2D",) * 3  # UNet2DModel's defaults
+    up_default = ("AttnUpBlock2D",) * 3 + ("UpBlock2D",)
     head = dcfg.get("attention_head_dim", 8)
     if head is None:
         head = chans[-1]  # diffusers then uses one head over the block's channels
@@ -111,12 +115,8 @@ def unet_config_from_diffusers(dcfg: dict[str, Any]) -> ml_collections.ConfigDic
         in_channels=int(dcfg.get("in_channels", 3)),
         out_channels=int(dcfg.get("out_channels", 3)),
         block_out_channels=chans,
-        down_block_types=tuple(
-            dcfg.get("down_block_types", ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"))
-        ),
-        up_block_types=tuple(
-            dcfg.get("up_block_types", ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
-        ),
+        down_block_types=tuple(dcfg.get("down_block_types", down_default)),
+        up_block_types=tuple(dcfg.get("up_block_types", up_default)),
         layers_per_block=int(dcfg.get("layers_per_block", 2)),
         attention_head_dim=int(head),
         norm_num_groups=int(dcfg.get("norm_num_groups", 32)),
@@ -164,7 +164,7 @@ def import_diffusers_unet(
     if os.path.isdir(source):
         weights = os.path.join(source, DIFFUSERS_WEIGHTS_NAME)
         if not os.path.isfile(weights):
-            legacy = [os.path.join(source, n) for n in _LEGACY_WEIGHTS if os.path.isfile(os.path.join(source, n))]
+            legacy = [p for n in _LEGACY_WEIGHTS if os.path.isfile(p := os.path.join(source, n))]
             if not legacy:
                 raise FileNotFoundError(f"no {DIFFUSERS_WEIGHTS_NAME} (or {_LEGACY_WEIGHTS}) in {source!r}")
             weights = legacy[0]

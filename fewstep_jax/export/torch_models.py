@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.nn import functional as nnf
 
 CONFIG_NAME = "config.json"
 
@@ -38,7 +38,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
     args = t[:, None] * torch.exp(exponent)[None, :]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, 1)) if dim % 2 else emb
+    return nnf.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -49,7 +49,7 @@ def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     )
     args = (w.to(torch.float32) * 1000.0)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
-    return F.pad(emb, (0, 1)) if dim % 2 else emb
+    return nnf.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 class TimestepEmbedding(nn.Module):
@@ -65,7 +65,7 @@ class TimestepEmbedding(nn.Module):
     def forward(self, sample: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if cond is not None:
             sample = sample + self.cond_proj(cond)
-        return self.linear_2(F.silu(self.linear_1(sample)))
+        return self.linear_2(nnf.silu(self.linear_1(sample)))
 
 
 def _per_sample(value: Any, batch: int, dtype: torch.dtype, device: torch.device, what: str) -> torch.Tensor:
@@ -140,8 +140,8 @@ class ResidualBlock(nn.Module):
         self.dense2 = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.dense1(F.silu(self.norm1(x))) + self.emb_proj(F.silu(emb))
-        return x + self.dense2(F.silu(self.norm2(h)))
+        h = self.dense1(nnf.silu(self.norm1(x))) + self.emb_proj(nnf.silu(emb))
+        return x + self.dense2(nnf.silu(self.norm2(h)))
 
 
 class MLP(_Conditioned):
@@ -166,7 +166,7 @@ class MLP(_Conditioned):
         h = self.input_proj(x.to(dtype))
         for i in range(self.num_layers):
             h = getattr(self, f"blocks_{i}")(h, emb)
-        return self.output_proj(F.silu(self.norm_out(h))).to(torch.float32)
+        return self.output_proj(nnf.silu(self.norm_out(h))).to(torch.float32)
 
 
 # ---- UNet ------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ class UNet(_Conditioned):
             n = len(block.resnets)
             h = block(h, skips[-n:], emb)
             skips = skips[:-n]
-        h = self.conv_out(F.silu(self.conv_norm_out(h)))
+        h = self.conv_out(nnf.silu(self.conv_norm_out(h)))
         return h.to(torch.float32)
 
 
@@ -249,7 +249,9 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modu
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"state dict does not match the model: missing keys {missing}, unexpected keys {unexpected}")
+        raise ValueError(
+            f"state dict does not match the model: missing keys {missing}, unexpected keys {unexpected}"
+        )
     for key, value in state.items():
         if tuple(value.shape) != tuple(own[key].shape):
             raise ValueError(

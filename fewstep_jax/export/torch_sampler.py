@@ -17,6 +17,7 @@ sampling; gamma = 1 is multistep consistency sampling), except on the last step.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,7 +44,8 @@ class Path:
                 betas = torch.linspace(b0**0.5, b1**0.5, n, dtype=torch.float64) ** 2
             else:
                 raise ValueError(f"unknown DDPM beta schedule {schedule!r}")
-            log_abar = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(torch.cumprod(1 - betas, 0))])
+            zero = torch.zeros(1, dtype=torch.float64)
+            log_abar = torch.cat([zero, torch.log(torch.cumprod(1 - betas, 0))])
             self._ts = (torch.arange(n + 1, dtype=torch.float64) / n).to(torch.float32)
             self._la = log_abar.to(torch.float32)
         elif name not in ("rf", "vp_cosine", "vp_linear", "ve"):
@@ -72,7 +74,8 @@ class Path:
         """(alpha, sigma, dalpha/dt, dsigma/dt) elementwise."""
         a, s = self.alpha_sigma(t)
         tf = torch.clamp(t, min=self.deriv_floor) if self.deriv_floor > 0 else t
-        _, (da, ds) = torch.func.jvp(self.alpha_sigma, (tf.to(torch.float32),), (torch.ones_like(tf, dtype=torch.float32),))
+        tf = tf.to(torch.float32)
+        _, (da, ds) = torch.func.jvp(self.alpha_sigma, (tf,), (torch.ones_like(tf),))
         return a, s, da, ds
 
 
@@ -149,13 +152,13 @@ def sample(
     with `renoise_noise[i]` (or fresh normal noise from `generator`), except on the last step.
     """
     grid = [float(g) for g in grid]
-    if len(grid) < 2 or any(a <= b for a, b in zip(grid, grid[1:])):
+    if len(grid) < 2 or any(a <= b for a, b in itertools.pairwise(grid)):
         raise ValueError(f"grid must be strictly decreasing with >= 2 points, got {grid}")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
     x = noise.to(torch.float32)
     full = lambda v: torch.full((x.shape[0],), v, dtype=torch.float32, device=x.device)
-    for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+    for i, (t, t_next) in enumerate(itertools.pairwise(grid)):
         last = i == len(grid) - 2
         s = t_next if last else (1.0 - gamma) * t_next
         x = flow_map(net, path, form, prediction, x, full(t), full(s))
@@ -168,7 +171,9 @@ def sample(
     return x
 
 
-def network_fn(model: torch.nn.Module, cfg: dict[str, Any], label=None, guidance=None, num_steps=None) -> Network:
+def network_fn(
+    model: torch.nn.Module, cfg: dict[str, Any], label=None, guidance=None, num_steps=None
+) -> Network:
     """net(x, t, s) of an exported model with its config (time offset, s-conditioning)."""
     uses_s = bool(cfg.get("uses_s", False))
     scale = float(cfg["model"].get("time_scale", 1000.0))

@@ -247,7 +247,7 @@ def tdm_sample(
     kidx, j, start, low = sched.sample_steps(r_steps, noise.shape[0])
     mid, tau = sched.sample_mid_tau(r_times, start, low)
     ns = kidx if condition_on_steps else None
-    x_start = noise * path.prior_scale
+    x_start = _prior(path, noise)
     x_j = backward_simulate(student, params, x_start, kidx, j, sched, label, ns)
     t, t_mid = sched.to_t(start), sched.to_t(mid)
     x0_hat, eps_hat = student.x0_eps(params, x_j, t, s=t_mid, label=label, num_steps=ns)
@@ -301,7 +301,9 @@ def tdm_loss(cfg, student: Student):
         x_tau, _ = _matched_noisy(path, q, z)
         x0_real = sg(teacher.x0_eps(x_tau, q["tau"], label, guidance)[0])
         x0_fake = sg(fake.x0_eps(fparams, x_tau, q["tau"], label=label, num_steps=q["num_steps"])[0])
-        loss, m = tdm_surrogate(q["x0_hat"], x0_fake, x0_real, c["distance"], c["huber_c"], c["normalizer_eps"])
+        loss, m = tdm_surrogate(
+            q["x0_hat"], x0_fake, x0_real, c["distance"], c["huber_c"], c["normalizer_eps"]
+        )
         m.update(tau_mean=jnp.mean(q["tau"]), step_mean=jnp.mean(q["step"].astype(jnp.float32)))
         return loss, m
 
@@ -358,7 +360,7 @@ def dmd_loss(cfg, student: Student):
         fparams = sg(inputs.others[c["fake"]])
         teacher = sg(inputs.teacher)
         noise, label = _batch(batch)
-        x = stu(params, noise * stu.path.prior_scale, c["t_start"], 0.0, label=label)
+        x = stu(params, _prior(stu.path, noise), c["t_start"], 0.0, label=label)
         x_t, t = _noisy(stu.path, sg(x), rng, c["t_min"], c["t_max"])
         x0_real = sg(teacher.x0_eps(x_t, t, label, guidance)[0])
         x0_fake = sg(fake.x0_eps(fparams, x_t, t, label=label)[0])
@@ -388,7 +390,7 @@ def dmd_fake_loss(cfg, student: Student):
         fake = inputs.net(c["fake"])
         sparams = sg(inputs.others[c["student"]])
         noise, label = _batch(batch)
-        x = sg(stu(sparams, noise * path.prior_scale, c["t_start"], 0.0, label=label))
+        x = sg(stu(sparams, _prior(path, noise), c["t_start"], 0.0, label=label))
         x_t, t = _noisy(path, x, rng, c["t_min"], c["t_max"])
         x0_f = fake.x0_eps(params, x_t, t, label=label)[0]
         err = _mean_dims((x0_f - x) ** 2)
@@ -406,8 +408,13 @@ def dmd_fake_loss(cfg, student: Student):
 
 def _batch(batch: dict) -> tuple[Array, Array | None]:
     if "noise" not in batch:
-        raise ValueError(f"distribution-matching terms are data-free: the batch needs 'noise', got {sorted(batch)}")
+        raise ValueError(f"distribution-matching terms need batch['noise']; the batch has {sorted(batch)}")
     return batch["noise"], batch.get("label")
+
+
+def _prior(path: Path, noise: Array) -> Array:
+    # sigma(1) * eps as Teacher.prior (path.prior_scale is a Python float, not traceable)
+    return noise * path.sigma(jnp.ones((), jnp.float32))
 
 
 def _noisy(path: Path, x: Array, rng: Array, t_min: float, t_max: float) -> tuple[Array, Array]:

@@ -75,7 +75,7 @@ def skip_times(path: Path, num_ddim_timesteps: int = 50) -> tuple[np.ndarray, np
     if isinstance(path, DDPM):
         abar = path.alphas_cumprod()
         ts, _, k = ddim_solver_tables(abar, num_ddim_timesteps)
-        to_t = lambda ks: (ks.astype(np.float64) + 1.0) / path.num_train_timesteps  # noqa: E731
+        to_t = lambda ks: (ks.astype(np.float64) + 1.0) / path.num_train_timesteps
         return to_t(ts).astype(np.float32), to_t(np.maximum(ts - k, 0)).astype(np.float32)
     i = np.arange(1, num_ddim_timesteps + 1, dtype=np.float64)
     return (i / num_ddim_timesteps).astype(np.float32), ((i - 1) / num_ddim_timesteps).astype(np.float32)
@@ -185,10 +185,11 @@ def tcd_term(cfg: ml_collections.ConfigDict, student: Student):
     guided = o["w_max"] > 0
 
     def term(params, inputs: LossInputs, batch: dict, rng: Array):
+        target = _target_params(o, params, inputs)
         x_hi, t_hi, t_lo, t_m, w, kw = _sample_common(o, student, batch, rng)
         x_lo = _teacher_jump(inputs, student, x_hi, t_hi, t_lo, batch.get("label"), w, guided)
         pred = tcf(student, params, x_hi, t_hi, t_m, order, r, **kw)
-        tgt = jax.lax.stop_gradient(tcf(student, _target_params(o, params, inputs), x_lo, t_lo, t_m, order, r, **kw))
+        tgt = jax.lax.stop_gradient(tcf(student, target, x_lo, t_lo, t_m, order, r, **kw))
         loss = distance(pred, tgt, o["distance"], o["huber_c"])
         return loss, {"tcd_distance": loss, "tcd_t_hi": jnp.mean(t_hi), "tcd_t_m": jnp.mean(t_m)}
 
@@ -207,7 +208,7 @@ def lcm_term(cfg: ml_collections.ConfigDict, student: Student):
     """LCM loss ``d(c_skip x_hi + c_out x0_theta(x_hi), sg(c_skip x_lo + c_out x0_target(x_lo)))``."""
     o = _read(cfg, LCM_DEFAULTS, "lcm")
     guided = o["w_max"] > 0
-    scal = lambda t: lcm_scalings(student.path, t, o["timestep_scaling"], o["num_train_timesteps"])  # noqa: E731
+    scal = lambda t: lcm_scalings(student.path, t, o["timestep_scaling"], o["num_train_timesteps"])
 
     def consistency(p, x, t, kw):
         x0, _ = student.x0_eps(p, x, t, None, **kw)
@@ -215,10 +216,11 @@ def lcm_term(cfg: ml_collections.ConfigDict, student: Student):
         return bcast(c_skip, x) * x + bcast(c_out, x) * x0
 
     def term(params, inputs: LossInputs, batch: dict, rng: Array):
+        target = _target_params(o, params, inputs)
         x_hi, t_hi, t_lo, _, w, kw = _sample_common(o, student, batch, rng)
         x_lo = _teacher_jump(inputs, student, x_hi, t_hi, t_lo, batch.get("label"), w, guided)
         pred = consistency(params, x_hi, t_hi, kw)
-        tgt = jax.lax.stop_gradient(consistency(_target_params(o, params, inputs), x_lo, t_lo, kw))
+        tgt = jax.lax.stop_gradient(consistency(target, x_lo, t_lo, kw))
         loss = distance(pred, tgt, o["distance"], o["huber_c"])
         return loss, {"lcm_distance": loss, "lcm_t_hi": jnp.mean(t_hi)}
 

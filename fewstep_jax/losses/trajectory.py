@@ -66,7 +66,9 @@ def _options(cfg: Any, defaults: Mapping[str, Any], name: str) -> dict[str, Any]
     if "solver" in out and out["solver"] not in JUMP_SOLVERS:
         raise ValueError(f"{name}: solver must be one of {JUMP_SOLVERS}, got {out['solver']!r}")
     if "jump_weighting" in out and out["jump_weighting"] not in JUMP_WEIGHTINGS:
-        raise ValueError(f"{name}: jump_weighting must be one of {JUMP_WEIGHTINGS}, got {out['jump_weighting']!r}")
+        raise ValueError(
+            f"{name}: jump_weighting must be one of {JUMP_WEIGHTINGS}, got {out['jump_weighting']!r}"
+        )
     for key in ("target", "bootstrap_target"):
         if key in out and out[key] not in ("ema", "online"):
             raise ValueError(f"{name}: {key} must be 'ema' or 'online', got {out[key]!r}")
@@ -242,13 +244,24 @@ def _target_params(inputs: LossInputs, params, which: str, name: str):
     return sg(inputs.ema["target"])
 
 
+_PRIOR_SCALES: dict[Path, float] = {}
+
+
+def _prior_scale(path: Path) -> float:
+    # a python float computed eagerly once per path (path.prior_scale cannot run under jit tracing)
+    if path not in _PRIOR_SCALES:
+        with jax.ensure_compile_time_eval():
+            _PRIOR_SCALES[path] = path.prior_scale
+    return _PRIOR_SCALES[path]
+
+
 def _data(batch: Mapping[str, Array], rng: Array, path: Path, name: str, pairs: bool = False):
     """``(x0, eps, label)``: eps from the batch's teacher noise when present, else fresh noise."""
     if "x" not in batch:
         raise ValueError(f"loss term {name!r} needs batch key 'x'; got keys {sorted(batch)}")
     x0 = jnp.asarray(batch["x"], jnp.float32)
     if "noise" in batch:
-        eps = jnp.asarray(batch["noise"], jnp.float32) / path.prior_scale
+        eps = jnp.asarray(batch["noise"], jnp.float32) / _prior_scale(path)
         if eps.shape != x0.shape:
             raise ValueError(f"batch 'noise' {eps.shape} and 'x' {x0.shape} must have the same shape")
     elif pairs:
@@ -374,7 +387,9 @@ traflow = register("traflow")(_traflow_factory("traflow", {}))
 traflow_rec = register("traflow_rec")(
     _traflow_factory("traflow_rec", {**_NONE, "lam_rec": 1.0, "vel_variant": "A", "target": "ema"})
 )
-traflow_vel = register("traflow_vel")(_traflow_factory("traflow_vel", {**_NONE, "lam_vel": 1.0, "target": "ema"}))
+traflow_vel = register("traflow_vel")(
+    _traflow_factory("traflow_vel", {**_NONE, "lam_vel": 1.0, "target": "ema"})
+)
 traflow_con = register("traflow_con")(
     _traflow_factory("traflow_con", {**_NONE, "lam_con": 1.0, "vel_variant": "A"})
 )
@@ -383,7 +398,9 @@ straightness = register("straightness")(
 )
 # CTM without GAN: the soft-consistency term (+ optional DSM on the G(x, t, t) denoiser)
 ctm = register("ctm")(
-    _traflow_factory("ctm", {"lam_rec": 0.0, "lam_vel": 0.0, "lam_straight": 0.0, "lam_con": 1.0, "vel_variant": "A"})
+    _traflow_factory(
+        "ctm", {"lam_rec": 0.0, "lam_vel": 0.0, "lam_straight": 0.0, "lam_con": 1.0, "vel_variant": "A"}
+    )
 )
 
 
@@ -483,7 +500,13 @@ def reflow_distill(cfg, student: Student):
 
 
 def shortcut_target(
-    student: Student, params, x: Array, t: Array, d: Array, label: Array | None = None, clip: float | None = 4.0
+    student: Student,
+    params,
+    x: Array,
+    t: Array,
+    d: Array,
+    label: Array | None = None,
+    clip: float | None = 4.0,
 ) -> Array:
     """Bootstrap target of a jump of size ``d`` (B,) from ``t``: the mean of two ``d/2`` velocities
     of ``params`` (the EMA), states and target clipped to ``[-clip, clip]`` (None: no clip)."""
@@ -501,7 +524,9 @@ def shortcut(cfg, student: Student):
     bootstrap target (``d = 2^-i``, ``i ~ U{0..log2 M - 1}``, ``t`` a multiple of ``d``), the other
     rows do flow matching at ``d = 1/M`` (``t ~ U{1..M}/M``, target ``alpha' x + sigma' eps``)."""
     opts = _options(
-        cfg, {"denoise_timesteps": 128, "bootstrap_every": 8, "bootstrap_target": "ema", "clip": 4.0}, "shortcut"
+        cfg,
+        {"denoise_timesteps": 128, "bootstrap_every": 8, "bootstrap_target": "ema", "clip": 4.0},
+        "shortcut",
     )
     M = int(opts["denoise_timesteps"])
     if M < 2 or M & (M - 1):
@@ -580,7 +605,9 @@ def meanflow(cfg, student: Student):
     if opts["velocity"] not in ("teacher", "conditional"):
         raise ValueError(f"meanflow: velocity must be 'teacher' or 'conditional', got {opts['velocity']!r}")
     if opts["time_sampler"] not in ("uniform", "logit_normal"):
-        raise ValueError(f"meanflow: time_sampler must be 'uniform' or 'logit_normal', got {opts['time_sampler']!r}")
+        raise ValueError(
+            f"meanflow: time_sampler must be 'uniform' or 'logit_normal', got {opts['time_sampler']!r}"
+        )
     if not student.uses_s:
         raise ValueError("meanflow: the student must take s (uses_s=True)")
     path = student.path

@@ -48,20 +48,31 @@ def neural_teacher(
     path = get_path(path) if isinstance(path, str) else path
     cfg_json = json.dumps(ml_collections.ConfigDict(model_cfg).to_dict(), sort_keys=True, default=list)
     if int(model_cfg.get("num_classes", 0)) != int(num_classes):
-        raise ValueError(f"num_classes={num_classes} differs from the model's {model_cfg.get('num_classes', 0)}")
+        raise ValueError(
+            f"num_classes={num_classes} differs from the model's {model_cfg.get('num_classes', 0)}"
+        )
     return Teacher(
-        params=params, apply=_apply_for(cfg_json), path=path, prediction=prediction,
-        data_shape=tuple(int(d) for d in data_shape), num_classes=int(num_classes), name=name,
-    )  # fmt: skip
+        params=params,
+        apply=_apply_for(cfg_json),
+        path=path,
+        prediction=prediction,
+        data_shape=tuple(int(d) for d in data_shape),
+        num_classes=int(num_classes),
+        name=name,
+    )
 
 
 def latest_checkpoint(workdir: str | FilePath) -> FilePath:
     """``<workdir>/checkpoints/<step>`` of the newest committed step; FileNotFoundError if none."""
     root = FilePath(workdir) / CHECKPOINTS
-    steps = sorted(
-        (int(p.name) for p in root.glob("*") if p.name.isdigit() and (p / COMMIT_MARKER).exists()),
-        reverse=True,
-    ) if root.is_dir() else []  # fmt: skip
+    steps = (
+        sorted(
+            (int(p.name) for p in root.glob("*") if p.name.isdigit() and (p / COMMIT_MARKER).exists()),
+            reverse=True,
+        )
+        if root.is_dir()
+        else []
+    )
     if not steps:
         raise FileNotFoundError(f"no finished checkpoint in {root} (train the teacher first)")
     return root / str(steps[0])
@@ -104,10 +115,20 @@ def load_teacher_from_workdir(workdir: str | FilePath, ema: str = "eval") -> Tea
     params = jax.tree.map(jax.numpy.asarray, state["ema"][ema])
     model_cfg = config.model
     return neural_teacher(
-        model_cfg, params, config.testbed.path, config.teacher.prediction,
-        data_shape_of(model_cfg, params), int(model_cfg.get("num_classes", 0)),
+        model_cfg,
+        params,
+        config.testbed.path,
+        config.teacher.prediction,
+        data_shape_of(model_cfg, params),
+        int(model_cfg.get("num_classes", 0)),
         name=f"neural:{workdir.name}",
-    )  # fmt: skip
+    )
 
 
-__all__ = ["data_shape_of", "latest_checkpoint", "load_teacher_from_workdir", "neural_teacher", "restore_state_tree"]
+__all__ = [
+    "data_shape_of",
+    "latest_checkpoint",
+    "load_teacher_from_workdir",
+    "neural_teacher",
+    "restore_state_tree",
+]

@@ -63,7 +63,11 @@ def _with_sharding(abstract: Any, shardings: Any) -> Any:
 
 
 def _bad_terms(metrics: dict) -> list[str]:
-    return [k[len("nonfinite/") :].replace("/nonfinite/", "/") for k, v in metrics.items() if "nonfinite/" in k and v]
+    return [
+        k[len("nonfinite/") :].replace("/nonfinite/", "/")
+        for k, v in metrics.items()
+        if "nonfinite/" in k and v
+    ]
 
 
 def train(
@@ -94,12 +98,17 @@ def train(
     main_net, aux_nets = student_factory(config)
 
     def create():
-        return create_state(config, main_net.init, {n: a.init for n, a in aux_nets.items()}, params=init_params)
+        return create_state(
+            config, main_net.init, {n: a.init for n, a in aux_nets.items()}, params=init_params
+        )
 
     abstract = jax.eval_shape(create)
     shardings = state_shardings(abstract, mesh, int(config.mesh.min_shard_size))
     ckpt = checkpoints.Checkpointer(
-        workdir_p / "checkpoints", int(tc.checkpoint_every), int(tc.keep_checkpoints), bool(tc.async_checkpoints)
+        workdir_p / "checkpoints",
+        int(tc.checkpoint_every),
+        int(tc.keep_checkpoints),
+        bool(tc.async_checkpoints),
     )
     checkpoints.install_preemption_handler()
     restored = ckpt.restore_latest(_with_sharding(abstract, shardings))
@@ -115,7 +124,11 @@ def train(
     if teacher is not None:
         teacher = parallel.shard_tree(teacher, parallel.replicated(mesh))
     step_fn = make_train_step(
-        config, main_net.student, {n: a.student for n, a in aux_nets.items()}, mesh=mesh, state_sharding=shardings
+        config,
+        main_net.student,
+        {n: a.student for n, a in aux_nets.items()},
+        mesh=mesh,
+        state_sharding=shardings,
     )
     writer = writers.make_writer(workdir_p, is_main=is_main)
     progress = writers.ProgressReporter(num_steps, writer, every_steps=int(tc.log_every), is_main=is_main)
@@ -208,9 +221,13 @@ def make_testbed_from_config(config: ml_collections.ConfigDict):
 
     tb = config.testbed
     return make_testbed(
-        tb.name, tb.path, num_reference=int(tb.num_reference), seed=int(config.seed),
-        mnist_path=tb.mnist_path or None, subset=int(tb.subset),
-    )  # fmt: skip
+        tb.name,
+        tb.path,
+        num_reference=int(tb.num_reference),
+        seed=int(config.seed),
+        mnist_path=tb.mnist_path or None,
+        subset=int(tb.subset),
+    )
 
 
 def teacher_data_source(config: ml_collections.ConfigDict, testbed) -> BatchSource:
@@ -236,11 +253,18 @@ def teacher_network(config: ml_collections.ConfigDict, data_shape: tuple[int, ..
     from fewstep_jax.paths import get_path
 
     model = build_model(config.model)
-    student = Student(model_apply(model), get_path(config.testbed.path), form="euler",
-                      prediction=config.teacher.prediction, uses_s=False)  # fmt: skip
+    student = Student(
+        model_apply(model),
+        get_path(config.testbed.path),
+        form="euler",
+        prediction=config.teacher.prediction,
+        uses_s=False,
+    )
 
     def init(key):
-        return model.init(key, jnp.zeros((1, *data_shape), jnp.float32), jnp.ones((1,), jnp.float32))["params"]
+        return model.init(key, jnp.zeros((1, *data_shape), jnp.float32), jnp.ones((1,), jnp.float32))[
+            "params"
+        ]
 
     return Net(student, init)
 
@@ -277,14 +301,23 @@ def teacher_eval_fn(config: ml_collections.ConfigDict, testbed) -> EvalFn:
     def evaluate(state: TrainState, step: int) -> dict[str, float]:
         params = jax.tree.map(jnp.asarray, host_tree(state.ema["eval"]))
         nc = int(config.model.get("num_classes", 0))
-        teacher = neural_teacher(config.model, params, analytic.path, config.teacher.prediction,
-                                 analytic.data_shape, nc, name="trained")  # fmt: skip
+        teacher = neural_teacher(
+            config.model,
+            params,
+            analytic.path,
+            config.teacher.prediction,
+            analytic.data_shape,
+            nc,
+            name="trained",
+        )
         out = dict(reference)
         for method, nfe, grid in cases:
             x0 = solve_batched(teacher, x1, grid, method, bs)
             for k, v in testbed.distances(x0).items():
                 out[f"{method}_nfe{nfe}/{k}"] = v
-            out[f"{method}_nfe{nfe}/mse_vs_analytic"] = metrics.flow_map_error(x0, ref_samples[f"{method}_nfe{nfe}"])
+            out[f"{method}_nfe{nfe}/mse_vs_analytic"] = metrics.flow_map_error(
+                x0, ref_samples[f"{method}_nfe{nfe}"]
+            )
         return out
 
     return evaluate
@@ -300,9 +333,13 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str) -> TrainState
     testbed = make_testbed_from_config(config)
     net = teacher_network(config, testbed.teacher.data_shape)
     state = train(
-        config, workdir, student_factory=lambda c: (net, {}), teacher=None,
-        data_source=teacher_data_source(config, testbed), eval_fn=teacher_eval_fn(config, testbed),
-    )  # fmt: skip
+        config,
+        workdir,
+        student_factory=lambda c: (net, {}),
+        teacher=None,
+        data_source=teacher_data_source(config, testbed),
+        eval_fn=teacher_eval_fn(config, testbed),
+    )
     if jax.process_index() == 0:
         evals = [r for r in writers.read_metrics(workdir) if any(k.startswith("eval/") for k in r)]
         with open(FilePath(workdir) / "teacher_eval.json", "w") as f:

@@ -72,7 +72,9 @@ def create_state(
     """
     aux_init = aux_init or {}
     if set(aux_init) != set(config.aux_nets.keys()):
-        raise ValueError(f"aux networks {sorted(aux_init)} do not match config.aux_nets {sorted(config.aux_nets.keys())}")
+        raise ValueError(
+            f"aux networks {sorted(aux_init)} do not match config.aux_nets {sorted(config.aux_nets.keys())}"
+        )
     tx, aux_tx = make_optimizers(config)
     root = jax.random.PRNGKey(int(config.seed))
     k_main, k_aux, k_rng = jax.random.split(root, 3)
@@ -83,12 +85,12 @@ def create_state(
         p = aux_init[name](jax.random.fold_in(k_aux, i))
         entry = {"params": p, "opt_state": aux_tx[name].init(p)}
         if float(config.aux_nets[name].get("ema_decay", -1.0)) >= 0:
-            entry["ema"] = p
+            entry["ema"] = jax.tree.map(jnp.copy, p)  # own buffers: the state is donated
         aux[name] = entry
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        ema={n: params for n in ema_names(config)},
+        ema={n: jax.tree.map(jnp.copy, params) for n in ema_names(config)},
         opt_state=tx.init(params),
         rng=k_rng,
         aux=aux,

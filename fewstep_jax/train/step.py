@@ -80,7 +80,8 @@ def _loss_and_grads(terms, params, inputs, batch, keys, prefix: str):
         for k, v in tm.items():
             metrics[f"{prefix}{term.name}/{k}"] = jnp.asarray(v, jnp.float32)
         total = total + term.weight * loss
-        g = jax.tree.map(lambda x: term.weight * x.astype(jnp.float32), g)
+        w = term.weight
+        g = jax.tree.map(lambda x, w=w: w * x.astype(jnp.float32), g)
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
     metrics[f"{prefix}loss"] = total
     metrics[f"{prefix}grad_norm"] = optax.global_norm(grads)
@@ -93,12 +94,16 @@ def make_step_fn(
     """The pure (un-jitted) ``step(state, teacher, batch) -> (state, metrics)``."""
     nets = dict(nets or {})
     if set(nets) != set(config.aux_nets.keys()):
-        raise ValueError(f"aux networks {sorted(nets)} do not match config.aux_nets {sorted(config.aux_nets.keys())}")
+        raise ValueError(
+            f"aux networks {sorted(nets)} do not match config.aux_nets {sorted(config.aux_nets.keys())}"
+        )
     tx, aux_tx = make_optimizers(config)
     main_terms = build_terms(config.losses, student, "config.losses")
-    aux_terms = {n: build_terms(config.aux_nets[n].losses, nets[n], f"config.aux_nets.{n}.losses") for n in nets}
+    aux_terms = {
+        n: build_terms(config.aux_nets[n].losses, nets[n], f"config.aux_nets.{n}.losses") for n in nets
+    }
     aux_order = sorted(nets)
-    static_nets = tuple((n, nets[n]) for n in aux_order) + ((MAIN, student),)
+    static_nets = (*((n, nets[n]) for n in aux_order), (MAIN, student))
     ema_decay = {"eval": float(config.ema.decay), "target": float(config.ema.target_decay)}
     skip = bool(config.train.skip_nonfinite)
     main_every = int(config.train.get("main_every", 1))
@@ -115,7 +120,9 @@ def make_step_fn(
             entry, terms = aux[name], aux_terms[name]
             acfg = config.aux_nets[name]
             others = {MAIN: state.params, **{n: aux[n]["params"] for n in aux_order if n != name}}
-            inputs = LossInputs(teacher, student, sg(entry.get("ema", {})), sg(others), state.step, static_nets)
+            inputs = LossInputs(
+                teacher, student, sg(entry.get("ema", {})), sg(others), state.step, static_nets
+            )
             ks, keys = keys[: len(terms)], keys[len(terms) :]
             grads, m, ok = _loss_and_grads(terms, entry["params"], inputs, batch, ks, f"{name}/")
             metrics.update(m)
@@ -142,9 +149,13 @@ def make_step_fn(
         skipped = (~good).astype(jnp.int32) if skip else jnp.zeros((), jnp.int32)
         metrics["skipped"] = skipped.astype(jnp.float32)
         new_state = state.replace(
-            step=state.step + 1, params=params, ema=ema, opt_state=opt, aux=aux,
+            step=state.step + 1,
+            params=params,
+            ema=ema,
+            opt_state=opt,
+            aux=aux,
             num_skipped=state.num_skipped + skipped,
-        )  # fmt: skip
+        )
         metrics["num_skipped"] = new_state.num_skipped.astype(jnp.float32)
         return new_state, metrics
 
@@ -169,8 +180,7 @@ def make_train_step(
 
     With a ``mesh``: in/out shardings are ``state_sharding`` for the state (default: computed
     from the first state seen is not possible under jit, so pass it), the teacher replicated
-    (its arrays are committed by the caller), the batch split by ``parallel.batch_sharding``,
-    and metrics replicated.
+    and the batch split by ``parallel.batch_sharding``; metrics come back replicated.
     """
     fn = make_step_fn(config, student, nets)
     if mesh is None:

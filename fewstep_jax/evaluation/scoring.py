@@ -1,0 +1,97 @@
+"""Scoring any few-step sampler against an exact testbed, in one row format.
+
+A *sampler* is ``sampler(x1 (N, ...) noise at t = 1, nfe) -> samples (N, ...)`` or ``None`` when it
+cannot run at that NFE. Teacher solvers, students and reflowed flows are all scored the same way:
+on the same noise, against the same reference flow map ``Phi(x1, 1, 0)`` and the same data, giving
+rows ``{testbed, method, nfe, flow_map_mse, <the testbed's distances>, ...}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from fewstep_jax.evaluation import metrics
+from fewstep_jax.testbeds import Testbed, reference_flow_map
+
+Sampler = Callable[[np.ndarray, int], "np.ndarray | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The shared evaluation noise and the exact flow map of it."""
+
+    x1: np.ndarray  # (N, ...) noise at t = 1
+    x0: np.ndarray  # (N, ...) Phi(x1, 1, 0)
+    nfe: int  # NFE of the adaptive reference solve (the batch maximum)
+    mse_vs_tighter: float  # its flow-map error against a 10x tighter tolerance (on <= 200 samples)
+    seconds: float
+
+
+def make_reference(testbed: Testbed, num_samples: int, seed: int = 0, batch_size: int = 1000) -> Reference:
+    """Draws the evaluation noise from ``seed`` and solves it exactly (adaptive RK45)."""
+    t0 = time.time()
+    teacher = testbed.teacher
+    x1 = np.asarray(teacher.prior(jax.random.PRNGKey(seed), num_samples))
+    x0, nfe = reference_flow_map(teacher, x1, batch_size=batch_size)
+    n = min(200, num_samples)
+    tight, _ = reference_flow_map(teacher, x1[:n], rtol=1e-6, atol=1e-6, batch_size=batch_size)
+    return Reference(x1, x0, nfe, metrics.flow_map_error(x0[:n], tight), time.time() - t0)
+
+
+def reference_rows(testbed: Testbed, ref: Reference, seed: int = 0) -> list[dict]:
+    """The converged teacher and (mixtures) a fresh data sample of the same size: the floor."""
+    rows = [{"testbed": testbed.name, "method": "teacher (converged)", "nfe": ref.nfe, "flow_map_mse": 0.0}]
+    rows[0].update(testbed.distances(ref.x0))
+    if not testbed.is_image:
+        fresh = testbed.sample_data(np.random.default_rng(seed + 1), len(ref.x1))["x"]
+        row = {"testbed": testbed.name, "method": "data (same size)", "nfe": 0, "flow_map_mse": float("nan")}
+        row.update(testbed.distances(fresh))
+        rows.append(row)
+    return rows
+
+
+def score(testbed: Testbed, method: str, nfe: int, samples: np.ndarray, ref: Reference, **extra) -> dict:
+    """One row: flow-map MSE against the reference and the testbed's sample distances."""
+    row = {"testbed": testbed.name, "method": method, "nfe": nfe}
+    finite = np.isfinite(samples).all()
+    row["flow_map_mse"] = metrics.flow_map_error(samples, ref.x0) if finite else float("nan")
+    row.update(testbed.distances(samples))
+    row.update(extra)
+    return row
+
+
+def evaluate_samplers(
+    testbed: Testbed,
+    samplers: dict[str, Sampler],
+    nfes,
+    ref: Reference,
+    log=print,
+    keep: dict | None = None,
+    keep_nfes=(1, 2, 4),
+    **extra,
+) -> list[dict]:
+    """Rows for every (sampler, nfe) the sampler supports; samples at ``keep_nfes`` go to
+    ``keep[name][nfe]`` when ``keep`` is given (for the report's figures)."""
+    rows = []
+    for name, sampler in samplers.items():
+        for nfe in nfes:
+            y = sampler(ref.x1, nfe)
+            if y is None:
+                continue
+            row = score(testbed, name, nfe, np.asarray(y), ref, **extra)
+            if keep is not None and nfe in keep_nfes:
+                keep.setdefault(name, {})[nfe] = np.asarray(y)
+            rows.append(row)
+            log(
+                f"[{testbed.name}] {name:12s} NFE {nfe:3d}: mse {row['flow_map_mse']:.3g} "
+                + " ".join(f"{k} {row[k]:.3g}" for k in testbed.distance_names)
+            )
+    return rows
+
+
+__all__ = ["Reference", "Sampler", "evaluate_samplers", "make_reference", "reference_rows", "score"]

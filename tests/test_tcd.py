@@ -272,9 +272,10 @@ def test_loss_gradients_flow_only_to_student(name):
     assert float(jnp.abs(g_s["A"]).sum()) > 0 and float(jnp.abs(g_s["c"]).sum()) > 0  # c: guidance branch
     # online target: still no gradient through the target branch (value equals the EMA with tp = p)
     cfg_on = ml_collections.ConfigDict({**cfg.to_dict(), "target": "online"})
-    term_on = jax.jit(get_factory(name)(cfg_on, st))
-    l_on = term_on(p, _inputs(teacher, st, pt), batch, rng)[0]
-    l_ema = jax.jit(term)(p, _inputs(teacher, st, p), batch, rng)[0]
+    term_on = get_factory(name)(cfg_on, st)
+    both = jax.jit(lambda p, pt: (term_on(p, _inputs(teacher, st, pt), batch, rng)[0],
+                                  term(p, _inputs(teacher, st, p), batch, rng)[0]))
+    l_on, l_ema = both(p, pt)
     np.testing.assert_allclose(float(l_on), float(l_ema), rtol=1e-6)
 
 

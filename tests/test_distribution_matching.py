@@ -241,7 +241,8 @@ def test_tdm_two_step_student_matches_a_gaussian_teacher():
     state = (p0, opt_g.init(p0), p0, opt_f.init(p0))
     n = 950
     flags = jnp.arange(n) >= 150
-    state, _ = jax.jit(lambda st: jax.lax.scan(step, st, (jax.random.split(jax.random.PRNGKey(1), n), flags)))(state)
+    keys = jax.random.split(jax.random.PRNGKey(1), n)
+    state, _ = jax.jit(lambda st: jax.lax.scan(step, st, (keys, flags)))(state)
     sp, _, fp, _ = state
 
     x = jax.random.normal(jax.random.PRNGKey(5), (4000, 1))

@@ -96,8 +96,11 @@ class Path:
 
     @property
     def prior_scale(self) -> float:
-        """``sigma(1)``: sampling starts from ``prior_scale * eps`` (alpha(1) x0 is neglected)."""
-        return float(self.sigma(jnp.ones(())))
+        """``sigma(1)``: sampling starts from ``prior_scale * eps`` (alpha(1) x0 is neglected).
+
+        A Python float, usable inside jit (computed eagerly from the static path)."""
+        with jax.ensure_compile_time_eval():
+            return float(self.sigma(jnp.ones(())))
 
     # ---- predictions ----------------------------------------------------------------------
     def to_x0_eps(self, pred: Array, kind: str, x: Array, t: Array) -> tuple[Array, Array]:

@@ -244,24 +244,13 @@ def _target_params(inputs: LossInputs, params, which: str, name: str):
     return sg(inputs.ema["target"])
 
 
-_PRIOR_SCALES: dict[Path, float] = {}
-
-
-def _prior_scale(path: Path) -> float:
-    # a python float computed eagerly once per path (path.prior_scale cannot run under jit tracing)
-    if path not in _PRIOR_SCALES:
-        with jax.ensure_compile_time_eval():
-            _PRIOR_SCALES[path] = path.prior_scale
-    return _PRIOR_SCALES[path]
-
-
 def _data(batch: Mapping[str, Array], rng: Array, path: Path, name: str, pairs: bool = False):
     """``(x0, eps, label)``: eps from the batch's teacher noise when present, else fresh noise."""
     if "x" not in batch:
         raise ValueError(f"loss term {name!r} needs batch key 'x'; got keys {sorted(batch)}")
     x0 = jnp.asarray(batch["x"], jnp.float32)
     if "noise" in batch:
-        eps = jnp.asarray(batch["noise"], jnp.float32) / _prior_scale(path)
+        eps = jnp.asarray(batch["noise"], jnp.float32) / path.prior_scale
         if eps.shape != x0.shape:
             raise ValueError(f"batch 'noise' {eps.shape} and 'x' {x0.shape} must have the same shape")
     elif pairs:
@@ -324,6 +313,7 @@ def _traflow_core(opts: dict, student: Student, name: str):
 
     def term(params, inputs: LossInputs, batch, rng):
         teacher = _need_teacher(inputs, name)
+        tp = _target_params(inputs, params, opts["target"], name) if lam["con"] else None
         k_noise, k_time, k_drop = jax.random.split(rng, 3)
         x0, eps, label = _data(batch, k_noise, path, name)
         B = x0.shape[0]
@@ -351,7 +341,6 @@ def _traflow_core(opts: dict, student: Student, name: str):
                 u = sg(teacher.velocity(x_t, ts.t, label, opts["guidance"]))
                 parts["vel"] = _mean(_mse(g_ts, u))
         if lam["con"]:
-            tp = _target_params(inputs, params, opts["target"], name)
             zero = jnp.zeros_like(ts.s)
             tkw = {"label": label}
             est = student(tp, G_ts, ts.s, zero, **tkw)  # gradient through the input only

@@ -158,6 +158,7 @@ def solve(
     method: str = "euler",
     path: Path | None = None,
     return_trajectory: bool = False,
+    euler_into_data: bool = False,
 ):
     """Integrates ``dx/dt = velocity(x, t)`` from ``grid[0]`` to ``grid[-1]``.
 
@@ -168,6 +169,9 @@ def solve(
       method: one of ``euler, heun, rk4, ddim, dpmpp_2m``.
       path: required by ``ddim`` and ``dpmpp_2m``.
       return_trajectory: also return the states at every grid time, (N + 1, B, ...).
+      euler_into_data: make a Heun / RK4 step that ends at t = 0 an Euler step (EDM's Algorithm 1),
+        for teachers whose velocity is singular at the data (the ideal denoiser of a finite set:
+        a stage evaluated at t = 0 off the trajectory divides by sigma = 0). Such a step costs 1 NFE.
     Returns:
       the state at ``grid[-1]`` (and the trajectory).
     """
@@ -188,7 +192,14 @@ def solve(
     step_fn = step_fns[method]
 
     def body(xc, ts):
-        xn = step_fn(velocity, xc, ts[0], ts[1])
+        if euler_into_data and method in ("heun", "rk4"):
+            xn = jax.lax.cond(
+                ts[1] == 0.0,
+                lambda: euler_step(velocity, xc, ts[0], ts[1]),
+                lambda: step_fn(velocity, xc, ts[0], ts[1]),
+            )
+        else:
+            xn = step_fn(velocity, xc, ts[0], ts[1])
         return xn, xn if return_trajectory else None
 
     pairs = jnp.stack([grid[:-1], grid[1:]], axis=1)

@@ -32,3 +32,16 @@ def write_json(path: str, payload: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=1, default=float)
     os.replace(tmp, path)
+
+
+def pivot_markdown(rows: Sequence[dict], value: str, columns: Sequence, index=("testbed", "method")) -> str:
+    """A compact table: one line per ``index`` tuple, one column per NFE, cells ``row[value]``."""
+    lines = ["| " + " | ".join(index) + " | " + " | ".join(f"NFE {c}" for c in columns) + " |"]
+    lines.append("|" + "---|" * (len(index) + len(columns)))
+    seen: dict[tuple, dict] = {}
+    for r in rows:
+        seen.setdefault(tuple(r[i] for i in index), {})[r["nfe"]] = r.get(value)
+    for key, by_nfe in seen.items():
+        cells = [fmt(by_nfe[c]) if c in by_nfe and by_nfe[c] is not None else "" for c in columns]
+        lines.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

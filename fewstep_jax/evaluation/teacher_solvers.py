@@ -26,22 +26,31 @@ def default_grid(path_name: str) -> str:
     return "uniform" if path_name == "rf" else "edm"
 
 
-@partial(jax.jit, static_argnames=("method",))
-def _solve(teacher, x, grid, method):
-    return teacher.solve(x, grid, method)
+@partial(jax.jit, static_argnames=("method", "euler_into_data"))
+def _solve(teacher, x, grid, method, euler_into_data):
+    return teacher.solve(x, grid, method, euler_into_data=euler_into_data)
 
 
-def solve_batched(teacher, x1: np.ndarray, grid: np.ndarray, method: str, batch_size: int) -> np.ndarray:
+def solve_batched(
+    teacher, x1: np.ndarray, grid: np.ndarray, method: str, batch_size: int, euler_into_data: bool = False
+) -> np.ndarray:
     """A fixed-step solve of (N, ...) noise in batches (the teacher passed as a jit argument)."""
     out = [
-        np.asarray(_solve(teacher, jnp.asarray(x1[i : i + batch_size]), jnp.asarray(grid), method))
+        np.asarray(
+            _solve(teacher, jnp.asarray(x1[i : i + batch_size]), jnp.asarray(grid), method, euler_into_data)
+        )
         for i in range(0, len(x1), batch_size)
     ]
     return np.concatenate(out)
 
 
-def solver_samplers(teacher, methods, grid_kind: str, batch_size: int = 1000) -> dict:
-    """The teacher's fixed-step solvers as samplers: ``x1, nfe -> x0`` (None when nfe does not divide)."""
+def solver_samplers(
+    teacher, methods, grid_kind: str, batch_size: int = 1000, euler_into_data: bool = False
+) -> dict:
+    """The teacher's fixed-step solvers as samplers: ``x1, nfe -> x0`` (None when nfe does not divide).
+
+    With ``euler_into_data`` (ideal-denoiser teachers) Heun / RK4's last step is Euler, so their
+    true NFE is one (Heun) or three (RK4) below the nominal ``nfe`` they are listed at."""
 
     def make(method):
         def sampler(x1, nfe):
@@ -49,7 +58,7 @@ def solver_samplers(teacher, methods, grid_kind: str, batch_size: int = 1000) ->
             if nfe % per:
                 return None
             grid = solvers.make_grid(grid_kind, nfe // per, teacher.path)
-            return solve_batched(teacher, x1, grid, method, batch_size)
+            return solve_batched(teacher, x1, grid, method, batch_size, euler_into_data)
 
         return sampler
 
@@ -80,7 +89,8 @@ def evaluate_teacher_solvers(
         f"mse vs a tighter solve {ref.mse_vs_tighter:.2e}"
     )
     rows = reference_rows(testbed, ref, seed)
-    samplers = solver_samplers(teacher, methods, grid_kind, batch_size)
+    # the ideal denoiser of a finite set is singular at t = 0: no solver stage may land there
+    samplers = solver_samplers(teacher, methods, grid_kind, batch_size, euler_into_data=testbed.is_image)
     rows += evaluate_samplers(testbed, samplers, nfes, ref, log, keep=keep, keep_nfes=(1, 2, 4, 8))
     # straightness of the teacher's trajectories (METHODS.md 5.1), on a fine RK4 grid
     g = solvers.make_grid(grid_kind, 32, teacher.path)

@@ -112,9 +112,11 @@ class Teacher:
         label: Array | None = None,
         guidance: float | Array = 1.0,
         return_trajectory: bool = False,
+        euler_into_data: bool = False,
     ):
         """Approximates ``Phi(x, grid[0], grid[-1])`` with a fixed-step solver (see solvers.solve)."""
-        return solvers.solve(self.velocity_fn(label, guidance), x, grid, method, self.path, return_trajectory)
+        v = self.velocity_fn(label, guidance)
+        return solvers.solve(v, x, grid, method, self.path, return_trajectory, euler_into_data)
 
     def prior(self, rng: Array, n: int) -> Array:
         """``n`` samples of the noise the ODE starts from at t = 1: ``sigma(1) * eps``."""

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from fewstep_jax.losses.api import LossInputs, register
+from fewstep_jax.losses.distances import elementwise
 from fewstep_jax.paths import Path, bcast, edm_sigma
 from fewstep_jax.students import Student
 from fewstep_jax.tdm_schedule import TDM_SCHEDULE_DEFAULTS, TDMSchedule, make_schedule
@@ -170,7 +171,7 @@ def tdm_surrogate(
     direction = sg(_finite_or_zero(x0_fake - x0_real))
     inv, wf, finite = _normalizer(x0_hat, x0_real, eps)
     r = x0_hat - sg(x0_hat - direction)
-    per = r * r if distance == "l2" else jnp.sqrt(r * r + huber_c * huber_c) - huber_c
+    per = elementwise(r, distance, huber_c)
     loss = jnp.mean(per * bcast(inv, per))
     return loss, _dm_metrics(direction, wf, finite)
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fewstep_jax.losses import distances
 from fewstep_jax.losses.api import LossInputs, register
 from fewstep_jax.paths import DDPM, Path, bcast
 from fewstep_jax.students import Student
@@ -82,15 +83,10 @@ def skip_times(path: Path, num_ddim_timesteps: int = 50) -> tuple[np.ndarray, np
 
 
 def distance(a: Array, b: Array, kind: str = "l2", c: float = 1e-3) -> Array:
-    """Per-sample mean over features of ``(a-b)^2`` or elementwise pseudo-Huber, then batch mean."""
-    d = a - b
-    if kind == "l2":
-        e = d * d
-    elif kind == "huber":
-        e = jnp.sqrt(d * d + c * c) - c
-    else:
+    """Batch mean of the per-sample ``l2`` or elementwise pseudo-Huber distance (losses.distances)."""
+    if kind not in ("l2", "huber"):
         raise ValueError(f"unknown distance {kind!r}; expected 'l2' or 'huber'")
-    return jnp.mean(e.reshape(e.shape[0], -1).mean(axis=1))
+    return jnp.mean(distances.distance(a, b, kind, c))
 
 
 def tcf(student: Student, params, x: Array, t: Array, s: Array, order: int = 1, r: float = 0.5, **kw):

@@ -36,6 +36,7 @@ import numpy as np
 
 from fewstep_jax import solvers
 from fewstep_jax.losses.api import LossInputs, register
+from fewstep_jax.losses.distances import distance
 from fewstep_jax.paths import Path, bcast
 from fewstep_jax.students import Student
 from fewstep_jax.teachers.base import Teacher
@@ -84,25 +85,6 @@ _DIST = {"distance": "l2", "huber_c": 0.0}
 # ---------------------------------------------------------------------------------------------
 # distances
 # ---------------------------------------------------------------------------------------------
-
-
-def distance(a: Array, b: Array, kind: str = "l2", c: float = 0.0) -> Array:
-    """Per-sample distance (B,) between ``a`` and ``b`` (B, ...) (METHODS.md 1.3).
-
-    ``l2``: mean over dims of the squared error. ``huber`` (elementwise pseudo-Huber):
-    ``mean(sqrt((a-b)^2 + c^2) - c)``, default ``c = 1e-3``. ``huber_vec`` (iCT vector form):
-    ``sqrt(|a-b|^2 + c^2) - c``, default ``c = 0.00054 sqrt(d)``. ``c = 0`` means the default.
-    """
-    diff = (a - b).reshape(a.shape[0], -1).astype(jnp.float32)
-    if kind == "l2":
-        return jnp.mean(diff * diff, axis=1)
-    if kind == "huber":
-        c = c or 1e-3
-        return jnp.mean(jnp.sqrt(diff * diff + c * c) - c, axis=1)
-    if kind == "huber_vec":
-        c = c or 0.00054 * math.sqrt(diff.shape[1])
-        return jnp.sqrt(jnp.sum(diff * diff, axis=1) + c * c) - c
-    raise ValueError(f"unknown distance {kind!r}; expected one of {DISTANCES}")
 
 
 def _mse(a: Array, b: Array) -> Array:

@@ -12,8 +12,10 @@ Every (variant, model, batch size) case runs in its own subprocess, because XLA_
 once at start-up and because peak memory is the process's max RSS (`resource.getrusage`; the
 CPU backend has no `memory_stats`) minus the RSS after imports. A case reports compile time
 (first call, including tracing), then the best of `repeats` windows of `steps` timed steps after
-warm-up (best, because the machine may be shared), as steps/s and examples/s. The ratio column is
-JAX / PyTorch-eager steps/s of the same model and batch size (> 1 means JAX is faster).
+warm-up (best, because the machine may be shared), as steps/s and examples/s, and "cores busy"
+(process CPU time / wall time while timing: how many cores the step really kept busy). The ratio
+column is steps/s over PyTorch eager's for the same model and batch size (> 1: faster than torch).
+`--variants` picks the set (see VARIANTS; the XLA library flags and torch_compile are opt-in).
 """
 
 from __future__ import annotations
@@ -41,13 +43,29 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "jax_onednn": {"framework": "jax", "flags": ["--xla_cpu_use_onednn=true"], "devices": 1},
     "jax_xnnpack": {"framework": "jax", "flags": ["--xla_cpu_use_xnnpack=true"], "devices": 1},
     "jax_fast_math": {"framework": "jax", "flags": ["--xla_cpu_enable_fast_math=true"], "devices": 1},
+    "jax_2dev_concurrency_sched": {
+        "framework": "jax",
+        "flags": ["--xla_cpu_enable_concurrency_optimized_scheduler=true"],
+        "devices": 2,
+    },
     "jax_bf16": {"framework": "jax", "flags": [], "devices": 1, "dtype": "bfloat16"},
     "jax_2dev_bf16": {"framework": "jax", "flags": [], "devices": 2, "dtype": "bfloat16"},
     "torch_eager": {"framework": "torch"},
+    "torch_eager_1thread": {"framework": "torch", "threads": 1},
     "torch_compile": {"framework": "torch", "compile": True},
 }
-DEFAULT_VARIANTS = ("jax", "jax_2dev", "torch_eager")
-BATCH_SIZES = {"mlp": (256, 1024, 4096), "unet": (16, 64, 128)}
+# torch_compile is left out: inductor needs ~8 min to compile the UNet step on 2 cores.
+DEFAULT_VARIANTS = (
+    "torch_eager",
+    "torch_eager_1thread",
+    "jax",
+    "jax_2dev",
+    "jax_concurrency_sched",
+    "jax_2dev_concurrency_sched",
+    "jax_no_eigen_mt",
+    "jax_bf16",
+)
+BATCH_SIZES = {"mlp": (256, 1024, 4096), "unet": (16, 32, 64)}
 QUICK_BATCH_SIZES = {"mlp": (64,), "unet": (4,)}
 LEARNING_RATE = 1e-4
 FIELDS = (
@@ -63,6 +81,7 @@ FIELDS = (
     "steps_per_s",
     "examples_per_s",
     "peak_rss_mb",
+    "cores_busy",
     "loss",
 )
 
@@ -96,17 +115,30 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def time_steps(run: Callable[[], Any], sync: Callable[[Any], Any], steps: int, repeats: int) -> float:
-    """Best steps/s over `repeats` windows of `steps` calls of `run` (synchronised at the end)."""
-    best = 0.0
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads), seconds."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
+def time_steps(
+    run: Callable[[], Any], sync: Callable[[Any], Any], steps: int, repeats: int
+) -> tuple[float, float]:
+    """(best steps/s over `repeats` windows of `steps` calls of `run`, mean cores busy).
+
+    Cores busy = process CPU time / wall time over all windows: 2.0 means both cores worked.
+    """
+    best, wall, cpu = 0.0, 0.0, 0.0
     for _ in range(repeats):
-        start = time.perf_counter()
+        cpu0, start = cpu_seconds(), time.perf_counter()
         out = None
         for _ in range(steps):
             out = run()
         sync(out)
-        best = max(best, steps / (time.perf_counter() - start))
-    return best
+        elapsed = time.perf_counter() - start
+        wall, cpu = wall + elapsed, cpu + cpu_seconds() - cpu0
+        best = max(best, steps / elapsed)
+    return best, cpu / wall
 
 
 # ----------------------------------------------------------------------------------------- JAX
@@ -175,13 +207,14 @@ def jax_case(model: str, batch: int, spec: dict[str, Any], steps: int, warmup: i
     for _ in range(warmup):
         run()
     jax.block_until_ready(holder["state"])
-    speed = time_steps(run, jax.block_until_ready, steps, repeats)
+    speed, busy = time_steps(run, jax.block_until_ready, steps, repeats)
     loss = float(run())
     return {
         "params": int(sum(v.size for v in jax.tree.leaves(params))),
         "compile_s": compile_s,
         "steps_per_s": speed,
         "peak_rss_mb": rss_mb() - base_rss,
+        "cores_busy": busy,
         "loss": loss,
         "devices": devices,
         "threads": num_cores(),
@@ -240,14 +273,14 @@ def torch_case(model: str, batch: int, spec: dict[str, Any], steps: int, warmup:
     threads = int(spec.get("threads") or num_cores())
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    base_rss = rss_mb()
-    cfg = model_config(model)
-    shape = data_shape(model, batch)
     if model == "unet":
         from diffusers import UNet2DModel
 
         from fewstep_jax.models import diffusers_config
-
+    base_rss = rss_mb()
+    cfg = model_config(model)
+    shape = data_shape(model, batch)
+    if model == "unet":
         net = UNet2DModel(**diffusers_config(cfg))
         forward = lambda x, t: net(x, t * cfg.time_scale).sample
         shape = (batch, 1, 28, 28)  # torch is NCHW
@@ -275,12 +308,13 @@ def torch_case(model: str, batch: int, spec: dict[str, Any], steps: int, warmup:
     compile_s = time.perf_counter() - start
     for _ in range(warmup):
         run_step(x0)
-    speed = time_steps(lambda: run_step(x0), lambda out: None, steps, repeats)
+    speed, busy = time_steps(lambda: run_step(x0), lambda out: None, steps, repeats)
     return {
         "params": int(sum(p.numel() for p in net.parameters())),
         "compile_s": compile_s,
         "steps_per_s": speed,
         "peak_rss_mb": rss_mb() - base_rss,
+        "cores_busy": busy,
         "loss": float(run_step(x0)),
         "devices": 1,
         "threads": threads,
@@ -344,17 +378,22 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The README table: one line per case."""
-    head = "| model | batch | variant | compile s | steps/s | examples/s | peak RSS MB | / torch eager |"
-    lines = [head, "|" + "---|" * 8]
+    head = (
+        "| model | batch | variant | compile s | steps/s | examples/s | peak RSS MB | cores busy "
+        "| / torch eager |"
+    )
+    lines = [head, "|" + "---|" * 9]
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['model']} | {r['batch_size']} | {r['variant']} | error: {r['error'][:80]} |||||")
+            err = r["error"][:80]
+            lines.append(f"| {r['model']} | {r['batch_size']} | {r['variant']} | error: {err} ||||||")
             continue
         lines.append(
             f"| {r['model']} | {r['batch_size']} | {r['variant']} | {fmt(r['compile_s'], '.1f')} | "
             f"{fmt(r['steps_per_s'], '.1f')} | {fmt(r['examples_per_s'], '.0f')} | "
-            f"{fmt(r['peak_rss_mb'], '.0f')} | {fmt(r['ratio_vs_torch_eager'], '.2f')} |"
+            f"{fmt(r['peak_rss_mb'], '.0f')} | {fmt(r['cores_busy'], '.2f')} | "
+            f"{fmt(r['ratio_vs_torch_eager'], '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -366,7 +405,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default="mlp,unet", help="comma list of mlp, unet")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {list(VARIANTS)}")
     p.add_argument("--mlp_batch_sizes", default=None, help="comma list (default 256,1024,4096)")
-    p.add_argument("--unet_batch_sizes", default=None, help="comma list (default 16,64,128)")
+    p.add_argument("--unet_batch_sizes", default=None, help="comma list (default 16,32,64)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per window (default 20)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps after compile (default 3)")
     p.add_argument("--repeats", type=int, default=None, help="timed windows, best kept (default 3)")

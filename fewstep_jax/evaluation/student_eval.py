@@ -1,0 +1,64 @@
+"""Students as samplers for :mod:`fewstep_jax.evaluation.scoring` (the same rows as the teacher's).
+
+``student_samplers`` turns a trained student into ``{name: sampler(x1, nfe)}``: a chain of ``nfe``
+flow-map jumps on the chosen grid, deterministic (gamma = 0) or with re-noising between jumps,
+fed the same evaluation noise as the teacher's solvers.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fewstep_jax import samplers, solvers
+from fewstep_jax.students import Student
+
+
+@partial(jax.jit, static_argnames=("student", "kind"))
+def _run(student, params, noise, grid, gamma, injected, kind, student_kw):
+    return samplers.sample(
+        student, params, noise, grid, gamma=gamma, kind=kind, injected=injected, **student_kw
+    )
+
+
+def student_samplers(
+    student: Student,
+    params,
+    name: str,
+    grid_kind: str = "uniform",
+    gammas=(0.0,),
+    kind: str = "tcd",
+    batch_size: int = 1000,
+    seed: int = 0,
+    student_kw_fn=None,
+) -> dict:
+    """Samplers ``x1 (N, ...) at the teacher's prior scale, nfe -> x0`` for each gamma.
+
+    ``student_kw_fn(nfe)`` gives extra student inputs per NFE (e.g. the step-count condition of a
+    steps-aware TDM student); the injected noise of gamma > 0 is drawn from ``seed`` and is the
+    same for every method.
+    """
+
+    def make(gamma):
+        def sampler(x1, nfe):
+            grid = jnp.asarray(solvers.make_grid(grid_kind, nfe, student.path))
+            noise = np.asarray(x1) / student.path.prior_scale
+            kw = student_kw_fn(nfe) if student_kw_fn else {}
+            rng = jax.random.PRNGKey(seed + 7919)
+            out = []
+            for i in range(0, len(noise), batch_size):
+                nb = jnp.asarray(noise[i : i + batch_size])
+                inj = jax.random.normal(jax.random.fold_in(rng, i), (max(nfe - 1, 1), *nb.shape))
+                y = _run(student, params, nb, grid, jnp.float32(gamma), inj[: max(nfe - 1, 0)], kind, kw)
+                out.append(np.asarray(y))
+            return np.concatenate(out)
+
+        return sampler
+
+    return {(name if g == 0 else f"{name} (gamma {g:g})"): make(g) for g in gammas}
+
+
+__all__ = ["student_samplers"]

@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.student.form = "euler"  # euler | semilinear
     c.student.prediction = "flow"
     c.student.init_from_teacher = True  # distill: copy the teacher network's params when it has one
+    c.student.data = "data"  # distill batches: "data" (testbed samples) | "noise" (data-free)
     # loss terms of the main network: {term: {"weight": w, ...term kwargs}} (losses/api.py);
     # config files fill it, e.g. c.losses.flow_matching = {"weight": 1.0}
     c.losses = ml_collections.ConfigDict()

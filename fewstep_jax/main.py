@@ -51,6 +51,10 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config, workdir = FLAGS.config, FLAGS.workdir
     run = resolve_mode(config.mode)
+    from fewstep_jax import parallel
+
+    # before anything touches a device (save_config asks for the process index)
+    parallel.initialize_distributed()
     save_config(config, workdir)
     logging.info("mode %s, workdir %s", config.mode, workdir)
     run(config, workdir)

@@ -228,3 +228,43 @@ def test_aux_network_updates_with_its_own_optimizer():
     np.testing.assert_allclose(
         float(m["grad_norm"]), float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))), rtol=1e-5
     )
+
+
+@pytest.mark.parametrize(
+    ("term", "path", "prediction", "kw"),
+    [
+        ("flow_matching", "rf", "flow", {"t_sampling": "logit_normal"}),
+        ("diffusion", "ddpm", "eps", {"t_sampling": "discrete"}),
+        ("diffusion", "vp_cosine", "v", {}),
+    ],
+)
+def test_teacher_objectives_are_zero_at_the_exact_prediction(term, path, prediction, kw):
+    """With one data point c, the exact prediction at x_t is known in closed form: loss = 0."""
+    import ml_collections
+
+    p = get_path(path)
+    c = jnp.array([[0.7, -1.2]])
+
+    def exact(params, x, t, s, label, guidance, num_steps, rngs, train):
+        a, sig = p.alpha_sigma(t)
+        eps = (x - a[:, None] * c) / sig[:, None]
+        return p.from_x0_eps(prediction, jnp.broadcast_to(c, x.shape), eps, t) + params
+
+    student = Student(exact, p, prediction=prediction, uses_s=False)
+    fn = api.get_factory(term)(ml_collections.ConfigDict(kw), student)
+    batch = {"x": jnp.tile(c, (64, 1))}
+    loss, _ = fn(0.0, None, batch, jax.random.PRNGKey(0))
+    assert float(loss) < 1e-6
+    loss_off, _ = fn(0.1, None, batch, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(float(loss_off), 0.01, rtol=1e-3)
+
+
+def test_label_dropout_and_unknown_keys():
+    from fewstep_jax.losses.flow_matching import drop_labels
+
+    lab = drop_labels(jax.random.PRNGKey(0), jnp.arange(10000) % 8, 0.2)
+    assert abs(float(jnp.mean(lab == -1)) - 0.2) < 0.02
+    assert bool(jnp.all((lab == -1) | (lab == jnp.arange(10000) % 8)))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        build_model_cfg = _config(flow_matching={"weight": 1.0, "tmin": 0.1})
+        make_step_fn(build_model_cfg, _net(build_model_cfg)[0])

@@ -5,7 +5,7 @@ step), so resuming needs only the step), state init or automatic resume, SIGTERM
 periodic async checkpoints, metric writers and progress, periodic evaluation, and at the end a
 report (``loss_curve.png`` + ``report.md``) in the workdir. Modes (``main.MODES``):
 ``train_teacher(config, workdir)`` trains a teacher network on a testbed's data;
-``distill`` lands with the method issues.
+``distill(config, workdir)`` trains a student with the config's loss terms (generic).
 """
 
 from __future__ import annotations
@@ -347,8 +347,73 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str) -> TrainState
     return state
 
 
-def distill(config: ml_collections.ConfigDict, workdir: str):
-    raise NotImplementedError("distill lands with the method issues")
+def _distill_nets(config: ml_collections.ConfigDict, teacher, data_shape) -> tuple[Net, dict[str, Net]]:
+    from fewstep_jax.models import init_student_from_teacher
+
+    def net(model_cfg, form, prediction, from_teacher) -> Net:
+        model = build_model(model_cfg)
+        student = Student(
+            model_apply(model),
+            teacher.path,
+            form=form,
+            prediction=prediction,
+            uses_s=bool(model_cfg.get("use_s", False)),
+        )
+
+        def init(key):
+            x, t = jnp.zeros((1, *data_shape), jnp.float32), jnp.ones((1,), jnp.float32)
+            params = model.init(key, x, t)["params"]
+            return init_student_from_teacher(params, teacher.params) if from_teacher else params
+
+        return Net(student, init)
+
+    # only a network teacher has params a student can copy (an analytic one holds data arrays)
+    neural = bool(config.teacher.workdir)
+    sc = config.student
+    main = net(config.model, sc.form, sc.prediction, neural and sc.init_from_teacher)
+    aux = {
+        name: net(
+            a.get("model", config.model),
+            "euler",
+            a.get("prediction", "flow"),
+            neural and a.get("init_from_teacher", True),
+        )
+        for name, a in config.aux_nets.items()
+    }
+    return main, aux
+
+
+def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Generic distillation: the teacher from ``config.teacher.workdir`` (a train_teacher run)
+    or the testbed's analytic teacher; the student (``config.model``, ``config.student``)
+    initialised from a network teacher or fresh; loss terms from ``config.losses`` and aux
+    networks from ``config.aux_nets``; batches of testbed data (``student.data = "data"``) or
+    noise only (``"noise"``). Method-specific evaluation lands with the method issues."""
+    from fewstep_jax.data import NoiseSource
+    from fewstep_jax.teachers.neural import load_teacher_from_workdir
+
+    parallel.initialize_distributed()
+    if not config.losses:
+        raise ValueError("distill needs config.losses (the method's loss terms)")
+    testbed = make_testbed_from_config(config)
+    wd = config.teacher.workdir
+    teacher = load_teacher_from_workdir(wd) if wd else testbed.teacher
+    if config.student.data == "noise":
+        nc = int(config.model.get("num_classes", 0)) or None
+        source = NoiseSource(
+            teacher.data_shape,
+            int(config.train.batch_size),
+            int(config.seed),
+            nc,
+            jax.process_index(),
+            jax.process_count(),
+        )
+    elif config.student.data == "data":
+        source = teacher_data_source(config, testbed)
+    else:
+        raise ValueError(f"student.data={config.student.data!r}; expected 'data' or 'noise'")
+    main, aux = _distill_nets(config, teacher, teacher.data_shape)
+    return train(config, workdir, student_factory=lambda c: (main, aux), teacher=teacher, data_source=source)
 
 
 __all__ = [

@@ -178,9 +178,9 @@ def make_train_step(
 ) -> Callable:
     """``jax.jit`` of :func:`make_step_fn`, the state donated.
 
-    With a ``mesh``: in/out shardings are ``state_sharding`` for the state (default: computed
-    from the first state seen is not possible under jit, so pass it), the teacher replicated
-    and the batch split by ``parallel.batch_sharding``; metrics come back replicated.
+    With a ``mesh``: in/out shardings are ``state_sharding`` for the state (required; see
+    :func:`state_shardings`), the teacher replicated and the batch split by
+    ``parallel.batch_sharding``; metrics come back replicated.
     """
     fn = make_step_fn(config, student, nets)
     if mesh is None:

@@ -77,6 +77,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.ema.decay = 0.999  # the "eval" EMA
     c.ema.target_decay = -1.0  # the "target" EMA (consistency methods); < 0 = none
 
+    # how a trained student samples (evaluation, reports, export): a chain of flow-map jumps on
+    # a grid, optionally re-noised between jumps (gamma > 0: TCD's SSS with kind "tcd", CTM's
+    # gamma-sampling with kind "ctm")
+    c.sampler = ml_collections.ConfigDict()
+    c.sampler.grid = "uniform"  # uniform | edm | ddpm_leading
+    c.sampler.gammas = (0.0,)
+    c.sampler.kind = "tcd"
+    c.sampler.nfes = (1, 2, 4)
+
+    c.method = ""  # the distillation recipe's name (configs/recipes), for reports and export
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by fsdp
     c.mesh.fsdp = 1

@@ -92,6 +92,6 @@ def test_distill_starts_from_the_teacher_network(trained, tmp_path):
     del c.losses["flow_matching"]
     c.losses.test_match_teacher = {"weight": 1.0}
     c.train.log_every = 1
-    state = distill(c, str(tmp_path))
+    state = distill(c, str(tmp_path)).state
     rows = [r for r in writers.read_metrics(tmp_path) if "loss" in r]
     assert rows[0]["step"] == 1 and rows[0]["loss"] < 1e-10 and int(state.step) == c.train.num_steps

@@ -38,8 +38,8 @@ def student_samplers(
     """Samplers ``x1 (N, ...) at the teacher's prior scale, nfe -> x0`` for each gamma.
 
     ``student_kw_fn(nfe)`` gives extra student inputs per NFE (e.g. the step-count condition of a
-    steps-aware TDM student); the injected noise of gamma > 0 is drawn from ``seed`` and is the
-    same for every method.
+    steps-aware TDM student), or None when the student cannot run at that NFE; the injected noise
+    of gamma > 0 is drawn from ``seed`` and is the same for every method.
     """
 
     def make(gamma):
@@ -47,6 +47,8 @@ def student_samplers(
             grid = jnp.asarray(solvers.make_grid(grid_kind, nfe, student.path))
             noise = np.asarray(x1) / student.path.prior_scale
             kw = student_kw_fn(nfe) if student_kw_fn else {}
+            if kw is None:  # e.g. a steps-aware student asked for a step count it was not trained on
+                return None
             rng = jax.random.PRNGKey(seed + 7919)
             out = []
             for i in range(0, len(noise), batch_size):

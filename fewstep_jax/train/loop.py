@@ -383,7 +383,22 @@ def _distill_nets(config: ml_collections.ConfigDict, teacher, data_shape) -> tup
     return main, aux
 
 
-def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+@dataclasses.dataclass(frozen=True)
+class Distilled:
+    """What a distillation run produced: the final state, the student wrapper, the teacher."""
+
+    state: TrainState
+    student: Student
+    teacher: Any
+    testbed: Any
+    train_seconds: float
+
+    def params(self, ema: str = "eval") -> Any:
+        """The student's params (an EMA copy by default) as host arrays."""
+        return jax.tree.map(jnp.asarray, host_tree(self.state.ema[ema] if ema else self.state.params))
+
+
+def distill(config: ml_collections.ConfigDict, workdir: str, evaluate: bool = True) -> Distilled:
     """Generic distillation: the teacher from ``config.teacher.workdir`` (a train_teacher run)
     or the testbed's analytic teacher; the student (``config.model``, ``config.student``)
     initialised from a network teacher or fresh; loss terms from ``config.losses`` and aux
@@ -413,10 +428,18 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     else:
         raise ValueError(f"student.data={config.student.data!r}; expected 'data' or 'noise'")
     main, aux = _distill_nets(config, teacher, teacher.data_shape)
-    return train(config, workdir, student_factory=lambda c: (main, aux), teacher=teacher, data_source=source)
+    t0 = time.time()
+    state = train(config, workdir, student_factory=lambda c: (main, aux), teacher=teacher, data_source=source)
+    out = Distilled(state, main.student, teacher, testbed, time.time() - t0)
+    if evaluate and jax.process_index() == 0 and not wd:  # exact testbed: score the student against Phi
+        from fewstep_jax.evaluation.distill_eval import distill_report
+
+        distill_report(config, workdir, main.student, out.params(), testbed, out.train_seconds)
+    return out
 
 
 __all__ = [
+    "Distilled",
     "Net",
     "NonFiniteError",
     "distill",

@@ -92,7 +92,6 @@ def test_rerun_resumes_instead_of_restarting(reference):
     assert [r for r in rows[before:] if "loss" in r] == []
 
 
-@pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_params(reference, tmp_path):
     cmd = [
         sys.executable,
@@ -132,7 +131,6 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_params(reference, tmp_path):
     _assert_trees_close(_final_params(tmp_path), _final_params(reference), rtol=0, atol=0)
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_process(reference, tmp_path):
     cmd = [
         sys.executable,

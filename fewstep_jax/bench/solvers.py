@@ -17,13 +17,30 @@ import time
 
 import jax
 
-from fewstep_jax.evaluation.tables import markdown_table, write_json
+from fewstep_jax.evaluation.tables import markdown_table, pivot_markdown, write_json
 from fewstep_jax.evaluation.teacher_solvers import evaluate_teacher_solvers
 from fewstep_jax.testbeds import make_testbed
 
 
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, jax {jax.__version__}"
+
+
+def summary_markdown(payload: dict, nfes=(1, 2, 4, 8, 16, 32, 64)) -> str:
+    """Per testbed: one line per solver, cells ``flow-map MSE / main distance`` per NFE."""
+    out = []
+    for name, res in payload["testbeds"].items():
+        rows = res["rows"]
+        main_d = next(k for k in ("sw2", "fd_mnist", "fd_pca") if k in rows[0])
+        conv = next(r for r in rows if r["method"] == "teacher (converged)")
+        out.append(
+            f"**{name}**: flow-map MSE / {main_d}; converged teacher {main_d} = {conv[main_d]:.4g} "
+            f"({conv['nfe']} NFE adaptive), straightness {res['reference']['straightness']:.3g}\n"
+        )
+        cells = [dict(r, cell=f"{r['flow_map_mse']:.2g} / {r[main_d]:.3g}") for r in rows if r["nfe"] in nfes]
+        cells = [r for r in cells if r["method"] not in ("teacher (converged)", "data (same size)")]
+        out.append(pivot_markdown(cells, "cell", nfes, index=("method",)) + "\n")
+    return "\n".join(out)
 
 
 def main(argv=None) -> dict:
@@ -47,6 +64,13 @@ def main(argv=None) -> dict:
         print(markdown_table(res["rows"], ["testbed", "method", "nfe", "flow_map_mse", *tb.distance_names]))
     payload = {"machine": machine(), "path": args.path, "seconds": time.time() - t0, "testbeds": results}
     write_json(args.out, payload)
+    summary = summary_markdown(payload)
+    with open(args.out.replace(".json", ".md"), "w") as f:
+        f.write(
+            f"`python -m fewstep_jax.bench.solvers` on {payload['machine']}, {payload['seconds']:.0f} s\n\n"
+        )
+        f.write(summary)
+    print(summary)
     print(f"wrote {args.out} ({payload['seconds']:.0f} s on {payload['machine']})")
     return payload
 

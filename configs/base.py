@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 0  # 0: only at the end
     c.train.skip_nonfinite = False  # True: skip updates with a non-finite loss/grad (counted)
     c.train.main_every = 1  # update the main network every k steps (DMD2's TTUR; aux every step)
+    c.train.main_start = 0  # the main network stays frozen before this step (aux-only warm-up)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adam"  # adam | adamw | radam

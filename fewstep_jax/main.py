@@ -20,6 +20,10 @@ MODES = {
     "evaluate": "fewstep_jax.evaluation.teacher_solvers:run_evaluate",
     "train_teacher": "fewstep_jax.train.loop:train_teacher",
     "distill": "fewstep_jax.train.loop:distill",
+    "dryrun": "fewstep_jax.dryrun:run",
+    "export": "fewstep_jax.export.workdir:run_export",
+    "sample": "fewstep_jax.sample_mode:run",
+    "pipeline": "fewstep_jax.pipeline:run",
 }
 
 FLAGS = flags.FLAGS
@@ -36,13 +40,19 @@ def resolve_mode(mode: str):
     return getattr(importlib.import_module(module), fn)
 
 
+# modes that read a finished run's workdir: they must not replace the run's own config.json
+READS_RUN = ("export", "sample")
+
+
 def save_config(config, workdir: str) -> None:
-    """Writes the resolved config next to the run's outputs (process 0 only)."""
+    """Writes the resolved config next to the run's outputs (process 0 only): ``config.json``, or
+    ``<mode>_config.json`` for the modes that read an existing run (export, sample)."""
     import jax
 
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        name = f"{config.mode}_config.json" if config.mode in READS_RUN else "config.json"
+        with open(os.path.join(workdir, name), "w") as f:
             json.dump(json.loads(config.to_json_best_effort()), f, indent=1)
 
 

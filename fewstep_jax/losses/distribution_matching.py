@@ -173,7 +173,7 @@ def tdm_surrogate(
     r = x0_hat - sg(x0_hat - direction)
     per = elementwise(r, distance, huber_c)
     loss = jnp.mean(per * bcast(inv, per))
-    return loss, _dm_metrics(direction, wf, finite)
+    return loss, _dm_metrics(direction, wf, finite, x0_fake - x0_real)
 
 
 def dmd_surrogate(x: Array, x0_fake: Array, x0_real: Array, eps: float = 1e-6) -> tuple[Array, dict]:
@@ -187,11 +187,15 @@ def dmd_surrogate(x: Array, x0_fake: Array, x0_real: Array, eps: float = 1e-6) -
     direction = sg(_finite_or_zero(x0_fake - x0_real))
     grad = direction * bcast(inv, direction)
     r = x - sg(x - grad)
-    return 0.5 * jnp.mean(r * r), _dm_metrics(direction, wf, finite)
+    return 0.5 * jnp.mean(r * r), _dm_metrics(direction, wf, finite, x0_fake - x0_real)
 
 
-def _dm_metrics(direction: Array, wf: Array, finite: Array) -> dict:
+def _dm_metrics(direction: Array, wf: Array, finite: Array, raw: Array) -> dict:
     return {
+        # 1.0 when a target or normaliser was not finite (zeroed above): the train loop stops on
+        # it naming "<term>/targets" unless train.skip_nonfinite (then training goes on, DMD2's
+        # nan_to_num)
+        "nonfinite/targets": 1.0 - (jnp.all(finite) & jnp.all(jnp.isfinite(raw))).astype(jnp.float32),
         "dm_gap": jnp.mean(jnp.abs(direction)),
         "normalizer": jnp.sum(jnp.where(finite, wf, 0.0)) / jnp.maximum(jnp.sum(finite), 1),
         "normalizer_min": jnp.min(jnp.where(finite, wf, jnp.inf)),

@@ -10,7 +10,8 @@ update uses the weighted sum.
 Metrics (float32 scalars): ``loss`` (weighted total of the main net), ``loss/<term>`` (raw),
 ``weighted/<term>``, ``<term>/<metric>`` (the term's own), ``nonfinite/<term>`` (1.0 if the
 term's loss or gradient is not finite), ``grad_norm``, ``skipped``; aux nets prefix with
-``<name>/``.
+``<name>/``. ``train.main_every`` (TTUR) and ``train.main_start`` (aux-only warm-up: the main
+network is not updated before that step) gate the main network's update.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def make_step_fn(
     ema_decay = {"eval": float(config.ema.decay), "target": float(config.ema.target_decay)}
     skip = bool(config.train.skip_nonfinite)
     main_every = int(config.train.get("main_every", 1))
+    # aux-only warm-up (e.g. a fake score that has no teacher network to start from)
+    main_start = int(config.train.get("main_start", 0))
     num_keys = len(main_terms) + sum(len(t) for t in aux_terms.values())
 
     def step(state: TrainState, teacher: Any, batch: dict) -> tuple[TrainState, dict]:
@@ -141,7 +144,7 @@ def make_step_fn(
         upd, opt = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, upd)
         ema = {n: _ema(ema_decay[n], e, params) for n, e in state.ema.items()}
-        due = (state.step % main_every) == 0
+        due = ((state.step % main_every) == 0) & (state.step >= main_start)
         do = due & ok if skip else due
         params, opt, ema = _select(do, (params, opt, ema), (state.params, state.opt_state, state.ema))
         all_ok.append(ok)

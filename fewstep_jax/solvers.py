@@ -80,15 +80,28 @@ def ddpm_leading_grid(num_steps: int, path: DDPM, steps_offset: int = 0) -> np.n
     return np.concatenate([np.asarray(path.timestep_to_t(ks)), [0.0]]).astype(np.float32)
 
 
+def tcd_grid(num_steps: int, path: Path) -> np.ndarray:
+    """TCD/LCM's sampling times (``TCDScheduler.set_timesteps`` on the 50-point training grid of
+    the distillation losses) with a final ``t = 0``: ``t = (k + 1) / T``, e.g. 4 steps ->
+    ``[1, 0.76, 0.5, 0.26, 0]``; on non-DDPM paths the same times (``T = 1000``)."""
+    from fewstep_jax.tcd import tcd_timesteps
+
+    T = path.num_train_timesteps if isinstance(path, DDPM) else 1000
+    ks = tcd_timesteps(num_steps, num_train_timesteps=T)
+    return np.concatenate([(ks + 1.0) / T, [0.0]]).astype(np.float32)
+
+
 def make_grid(kind: str, num_steps: int, path: Path) -> np.ndarray:
-    """A grid by name: ``uniform``, ``edm`` or ``ddpm_leading``."""
+    """A grid by name: ``uniform``, ``edm``, ``ddpm_leading`` or ``tcd``."""
     if kind == "uniform":
         return uniform_grid(num_steps)
     if kind == "edm":
         return edm_grid(num_steps, path)
     if kind == "ddpm_leading":
         return ddpm_leading_grid(num_steps, path)
-    raise ValueError(f"unknown time grid {kind!r}; expected 'uniform', 'edm' or 'ddpm_leading'")
+    if kind == "tcd":
+        return tcd_grid(num_steps, path)
+    raise ValueError(f"unknown time grid {kind!r}; expected 'uniform', 'edm', 'ddpm_leading' or 'tcd'")
 
 
 def _check_steps(num_steps: int) -> None:
@@ -332,6 +345,7 @@ __all__ = [
     "rk4_step",
     "solve",
     "solve_adaptive",
+    "tcd_grid",
     "uniform_grid",
     "x0_eps_from_velocity",
 ]

@@ -65,6 +65,19 @@ def score(testbed: Testbed, method: str, nfe: int, samples: np.ndarray, ref: Ref
     return row
 
 
+def class_distances(testbed: Testbed, x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Guided (conditional) samples ``x`` (N, ...) with their ``labels`` (N,): the testbed's
+    distances of each class's samples to that class's reference data, averaged over the classes."""
+    ref_lab = np.asarray(testbed.reference["label"])
+    per = []
+    for c in np.unique(labels):
+        ref_c = {k: np.asarray(v)[ref_lab == c] for k, v in testbed.reference.items()}
+        if not len(ref_c["label"]):
+            raise ValueError(f"testbed {testbed.name!r} has no reference data of class {int(c)}")
+        per.append(dataclasses.replace(testbed, reference=ref_c).distances(x[labels == c]))
+    return {k: float(np.mean([d[k] for d in per])) for k in testbed.distance_names}
+
+
 def evaluate_samplers(
     testbed: Testbed,
     samplers: dict[str, Sampler],
@@ -94,4 +107,12 @@ def evaluate_samplers(
     return rows
 
 
-__all__ = ["Reference", "Sampler", "evaluate_samplers", "make_reference", "reference_rows", "score"]
+__all__ = [
+    "Reference",
+    "Sampler",
+    "class_distances",
+    "evaluate_samplers",
+    "make_reference",
+    "reference_rows",
+    "score",
+]

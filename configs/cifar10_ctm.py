@@ -1,0 +1,31 @@
+"""Consistency trajectory model (CTM, without GAN and DSM) of the CIFAR-10 VP teacher
+(METHODS.md 5.4).
+
+python -m fewstep_jax.main --config=configs/cifar10_ctm.py --workdir=runs/cifar10_ctm
+python -m fewstep_jax.dryrun --config=configs/cifar10_ctm.py
+
+Teacher: configs/cifar10_vp_teacher.py (runs/cifar10_vp_teacher). Recipe (CTM CIFAR-10
+defaults): EDM grid N = 18, k ~ p(k) proportional to k up to 17, soft consistency through the
+target EMA 0.999, eval EMA 0.9999, Adam lr 4e-4, global batch 128, distance L2 (LPIPS is not
+shipped). Mesh: one 8-accelerator host, data=8, fsdp=1.
+"""
+
+from configs import cifar10_vp_teacher
+from configs.cifar10_rf_teacher import student_base
+from configs.recipes import apply_recipe
+
+
+def get_config():
+    c = student_base(
+        "configs/cifar10_vp_teacher.py", "runs/cifar10_vp_teacher", cifar10_vp_teacher.get_config
+    )
+    apply_recipe(c, "ctm")
+    c.train.num_steps = 200_000
+    c.train.batch_size = 128
+    c.optim.name = "adam"
+    c.optim.lr = 4e-4
+    c.optim.warmup_steps = 1000
+    c.ema.decay = 0.9999
+    c.ema.target_decay = 0.999
+    c.sampler.grid = "edm"
+    return c

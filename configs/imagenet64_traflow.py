@@ -1,0 +1,32 @@
+"""TraFlow student of the ImageNet-64 class-conditional RF teacher (METHODS.md 2.3).
+
+python -m fewstep_jax.main --config=configs/imagenet64_traflow.py --workdir=runs/imagenet64_traflow
+python -m fewstep_jax.dryrun --config=configs/imagenet64_traflow.py
+
+Teacher: configs/imagenet64_teacher.py (runs/imagenet64_teacher). Student: its 266M UNet + the
+s-branch, initialised from it; labels from the data (conditional student, no guidance distilled).
+Grid: uniform N = 40 (CTM's ImageNet grid size), jumps up to 39. Recipe: Adam lr 4e-4 (CTM),
+batch 1024, target EMA 0.999, eval EMA 0.9999. Mesh: TPU v5e-32, data=16, fsdp=2 (the replicated
+teacher is another 0.5 GiB per chip).
+"""
+
+from configs import imagenet64_teacher
+from configs.cifar10_rf_teacher import student_base
+from configs.recipes import apply_recipe
+
+
+def get_config():
+    c = student_base(
+        "configs/imagenet64_teacher.py", "runs/imagenet64_teacher", imagenet64_teacher.get_config
+    )
+    apply_recipe(c, "traflow")
+    c.losses.traflow.num_grid = 40
+    c.losses.traflow.max_jump = 39
+    c.train.num_steps = 200_000
+    c.train.batch_size = 1024
+    c.optim.name = "adam"
+    c.optim.lr = 4e-4
+    c.optim.warmup_steps = 1000
+    c.ema.decay = 0.9999
+    c.ema.target_decay = 0.999
+    return c

@@ -67,6 +67,13 @@ class Testbed:
     def is_image(self) -> bool:
         return len(self.teacher.data_shape) == 3
 
+    @property
+    def singular_at_data(self) -> bool:
+        """Whether the teacher's velocity is singular at t = 0, so that no solver stage may land
+        there: the ideal denoiser of a finite set (no density), and VP paths whose sigma ~ sqrt(t)
+        has an infinite time derivative at the data (``Path.deriv_floor > 0``)."""
+        return self.is_image or self.teacher.path.deriv_floor > 0
+
     def distances(self, x: np.ndarray) -> dict[str, float]:
         """Sample distances of ``x`` (N, ...) to the data distribution; lower is better."""
         x = np.asarray(x, np.float32)

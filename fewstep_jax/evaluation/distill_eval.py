@@ -63,7 +63,9 @@ def evaluate_distilled(
     rows = reference_rows(testbed, ref, int(config.seed))
     rows += evaluate_samplers(testbed, ss, nfes, ref, log, keep=keep, keep_nfes=nfes)
     grid_kind = default_grid(testbed.teacher.path.name) if ec.grid == "auto" else ec.grid
-    tsamp = solver_samplers(testbed.teacher, teacher_solvers, grid_kind, int(ec.batch_size), testbed.is_image)
+    tsamp = solver_samplers(
+        testbed.teacher, teacher_solvers, grid_kind, int(ec.batch_size), testbed.singular_at_data
+    )
     rows += evaluate_samplers(
         testbed, {f"teacher {k}": v for k, v in tsamp.items()}, nfes, ref, log, keep=keep, keep_nfes=nfes
     )

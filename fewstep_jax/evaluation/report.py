@@ -6,7 +6,6 @@ trajectory plots for 2-D data, and loss curves from the run's ``metrics.jsonl``.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
@@ -98,14 +97,6 @@ def plot_trajectories(trajectories: dict[str, np.ndarray], path: str, max_paths:
     return path
 
 
-def read_metrics_jsonl(path: str) -> list[dict]:
-    """The lines of a run's metrics.jsonl (missing file -> [])."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def plot_loss_curves(records: Sequence[dict], path: str, keys: Sequence[str] | None = None) -> str | None:
     """Loss curves (log scale) of the scalar series whose name contains 'loss'."""
     keys = keys or sorted({k for r in records for k in r if "loss" in k})
@@ -151,6 +142,5 @@ __all__ = [
     "plot_loss_curves",
     "plot_samples",
     "plot_trajectories",
-    "read_metrics_jsonl",
     "write_report",
 ]

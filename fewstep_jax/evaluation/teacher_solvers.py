@@ -89,8 +89,9 @@ def evaluate_teacher_solvers(
         f"mse vs a tighter solve {ref.mse_vs_tighter:.2e}"
     )
     rows = reference_rows(testbed, ref, seed)
-    # the ideal denoiser of a finite set is singular at t = 0: no solver stage may land there
-    samplers = solver_samplers(teacher, methods, grid_kind, batch_size, euler_into_data=testbed.is_image)
+    samplers = solver_samplers(
+        teacher, methods, grid_kind, batch_size, euler_into_data=testbed.singular_at_data
+    )
     rows += evaluate_samplers(testbed, samplers, nfes, ref, log, keep=keep, keep_nfes=(1, 2, 4, 8))
     # straightness of the teacher's trajectories (METHODS.md 5.1), on a fine RK4 grid
     g = solvers.make_grid(grid_kind, 32, teacher.path)

@@ -63,11 +63,9 @@ def _with_sharding(abstract: Any, shardings: Any) -> Any:
 
 
 def _bad_terms(metrics: dict) -> list[str]:
-    return [
-        k[len("nonfinite/") :].replace("/nonfinite/", "/")
-        for k, v in metrics.items()
-        if "nonfinite/" in k and v
-    ]
+    # "nonfinite/tdm" -> "tdm", "fake/nonfinite/tdm_fake" -> "fake/tdm_fake",
+    # a term's own flag "tdm/nonfinite/targets" -> "tdm/targets"
+    return [k.replace("nonfinite/", "", 1) for k, v in metrics.items() if "nonfinite/" in k and v]
 
 
 def train(
@@ -179,36 +177,21 @@ def train(
 
 
 def write_report(workdir: FilePath, evals: dict[str, float]) -> None:
-    """``loss_curve.png`` (loss terms vs step, from metrics.jsonl) and ``report.md``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """``loss_curve.png`` (loss terms vs step, from metrics.jsonl) and ``report.md`` (the last
+    logged metrics and the final evaluation), drawn by :mod:`fewstep_jax.evaluation.report`."""
+    from fewstep_jax.evaluation import report
 
     rows = [r for r in writers.read_metrics(workdir) if "loss" in r]
     keys = sorted({k for r in rows for k in r if k == "loss" or k.startswith("loss/") or k.endswith("/loss")})
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k in keys:
-        pts = sorted((r["step"], r[k]) for r in rows if k in r)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    if keys:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(workdir / "loss_curve.png", dpi=100)
-    plt.close(fig)
-    lines = [f"# Run report: {workdir.name}", ""]
-    if rows:
-        last = rows[-1]
-        lines += [f"Final step {last['step']}.", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.6g} |" for k, v in sorted(last.items()) if k != "step"]
+    figure = report.plot_loss_curves(rows, str(workdir / "loss_curve.png"), keys=keys)
+    last = rows[-1] if rows else {}
+    table = [{"metric": k, "value": v} for k, v in sorted(last.items()) if k != "step"]
+    notes = f"Final step {last['step']}." if last else "No training step logged."
     if evals:
-        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.6g} |" for k, v in sorted(evals.items())]
-    lines += ["", "![loss curve](loss_curve.png)", ""]
-    (workdir / "report.md").write_text("\n".join(lines))
+        table += [{"metric": f"eval/{k}", "value": v} for k, v in sorted(evals.items())]
+    report.write_report(
+        str(workdir), f"Run report: {workdir.name}", table, ["metric", "value"], {"Loss curve": figure}, notes
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,12 +381,45 @@ class Distilled:
         return jax.tree.map(jnp.asarray, host_tree(self.state.ema[ema] if ema else self.state.params))
 
 
+def teacher_pairs(config: ml_collections.ConfigDict, workdir: str, teacher) -> dict[str, np.ndarray]:
+    """The teacher's (noise, sample) pairs of a ``student.data = "pairs"`` run (reflow): read from
+    ``<workdir>/pairs.npz``, else generated once with ``config.student.pairs`` (num, solver, steps,
+    batch_size; see :func:`fewstep_jax.reflow.generate_pairs`) and saved there, so a resumed run
+    trains on the same pairs. Conditional teachers get uniform random labels."""
+    from fewstep_jax import reflow
+
+    f = FilePath(workdir) / "pairs.npz"
+    if f.is_file():
+        return reflow.load_pairs(f)
+    pc = dict(config.student.get("pairs", None) or {})
+    n = int(pc.get("num", 10_000))
+    nc = int(config.model.get("num_classes", 0))
+    labels = np.random.default_rng(int(config.seed)).integers(0, nc, n).astype(np.int32) if nc else None
+    t0 = time.time()
+    pairs = reflow.generate_pairs(
+        teacher,
+        jax.random.PRNGKey(int(config.seed) + 1),
+        n,
+        batch_size=int(pc.get("batch_size", 1000)),
+        method=pc.get("solver", "heun"),
+        num_steps=int(pc.get("steps", 32)),
+        labels=labels,
+    )
+    if jax.process_index() == 0:  # every process generated the same pairs; one writes them
+        tmp = FilePath(workdir) / "pairs.tmp.npz"
+        reflow.save_pairs(tmp, pairs)
+        tmp.replace(f)  # atomic: a preempted run never leaves a half-written pair file
+        logging.info("generated %d teacher pairs in %.1f s -> %s", n, time.time() - t0, f)
+    return pairs
+
+
 def distill(config: ml_collections.ConfigDict, workdir: str, evaluate: bool = True) -> Distilled:
     """Generic distillation: the teacher from ``config.teacher.workdir`` (a train_teacher run)
     or the testbed's analytic teacher; the student (``config.model``, ``config.student``)
     initialised from a network teacher or fresh; loss terms from ``config.losses`` and aux
-    networks from ``config.aux_nets``; batches of testbed data (``student.data = "data"``) or
-    noise only (``"noise"``). Method-specific evaluation lands with the method issues."""
+    networks from ``config.aux_nets``; batches of testbed data (``student.data = "data"``),
+    noise only (``"noise"``) or the teacher's (noise, sample) pairs (``"pairs"``, see
+    :func:`teacher_pairs`). Method-specific evaluation lands with the method issues."""
     from fewstep_jax.data import NoiseSource
     from fewstep_jax.teachers.neural import load_teacher_from_workdir
 
@@ -425,8 +441,15 @@ def distill(config: ml_collections.ConfigDict, workdir: str, evaluate: bool = Tr
         )
     elif config.student.data == "data":
         source = teacher_data_source(config, testbed)
+    elif config.student.data == "pairs":
+        from fewstep_jax.reflow import pair_source
+
+        pairs = teacher_pairs(config, workdir, teacher)
+        source = pair_source(
+            pairs, int(config.train.batch_size), int(config.seed), jax.process_index(), jax.process_count()
+        )
     else:
-        raise ValueError(f"student.data={config.student.data!r}; expected 'data' or 'noise'")
+        raise ValueError(f"student.data={config.student.data!r}; expected 'data', 'noise' or 'pairs'")
     main, aux = _distill_nets(config, teacher, teacher.data_shape)
     t0 = time.time()
     state = train(config, workdir, student_factory=lambda c: (main, aux), teacher=teacher, data_source=source)
@@ -447,6 +470,7 @@ __all__ = [
     "teacher_data_source",
     "teacher_eval_fn",
     "teacher_network",
+    "teacher_pairs",
     "train",
     "train_teacher",
     "write_report",

@@ -125,8 +125,7 @@ def test_missing_checkpoint_and_config_are_clear_errors(run, tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "checkpoints"))):
         export_from_workdir(tmp_path, tmp_path / "out")
     # a workdir whose config.json is not a training run's (e.g. overwritten by another mode)
-    other = ml_collections.ConfigDict({"mode": "export"})
-    save_config(other, str(tmp_path))
+    (tmp_path / "config.json").write_text(ml_collections.ConfigDict({"mode": "export"}).to_json())
     with pytest.raises(ValueError, match="'export' run"):
         export_from_workdir(tmp_path, tmp_path / "out")
     with pytest.raises(ValueError, match=r"export\.out"):

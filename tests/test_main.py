@@ -27,7 +27,7 @@ def _run(args, cwd=ROOT, timeout=300):
 def test_evaluate_mode_writes_the_solver_table(tmp_path):
     r = _run(
         [
-            "--config=configs/default.py",
+            "--config=configs/gmm8_solvers.py",
             f"--workdir={tmp_path}",
             "--config.eval.nfes=1,8",
             "--config.eval.solvers=euler,heun",

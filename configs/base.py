@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.num_samples = 2000
     c.eval.nfes = (1, 2, 4, 8, 16, 32, 64)
     c.eval.solvers = ("euler", "heun", "rk4", "dpmpp_2m")
-    c.eval.grid = "auto"  # auto (uniform for rf, edm otherwise) | uniform | edm | ddpm_leading
+    c.eval.grid = "auto"  # auto (edm for the ve path, uniform otherwise) | uniform | edm | ddpm_leading | tcd
     c.eval.batch_size = 1000
     c.eval.train_nfes = (1, 2, 4, 8)  # NFEs of the periodic/final eval of a training run
     c.eval.train_solvers = ("euler", "heun")

@@ -168,7 +168,8 @@ def _trajectory_noise(ref: Reference, n: int) -> np.ndarray:
 
 def teacher_stage(config, c_method, testbed, folder: str, log=print) -> tuple[Reference, dict, dict]:
     """The shared reference of a path, the teacher's solver rows and figures' samples (cached)."""
-    from fewstep_jax.evaluation.teacher_solvers import default_grid, solver_samplers
+    from fewstep_jax.evaluation.teacher_solvers import solver_samplers
+    from fewstep_jax.solvers import default_grid
 
     ec, pc = config.eval, config.pipeline
     nfes = as_tuple(config.sampler.nfes, int)

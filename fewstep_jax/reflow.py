@@ -39,7 +39,7 @@ def generate_pairs(
 
     Args:
       method: a fixed-step solver of :mod:`fewstep_jax.solvers` with ``num_steps`` steps on
-        ``grid`` (``auto``: uniform for rectified flow, edm otherwise), or ``"adaptive"``
+        ``grid`` (``auto``: :func:`fewstep_jax.solvers.default_grid`), or ``"adaptive"``
         (Dormand-Prince with ``rtol``/``atol``, as the RF repo's RK45 pairs).
       labels: (num_pairs,) int class labels for a conditional teacher (saved as ``"label"``).
     Returns:
@@ -56,7 +56,7 @@ def generate_pairs(
         if labels.shape != (num_pairs,):
             raise ValueError(f"labels must have shape ({num_pairs},), got {labels.shape}")
     if grid == "auto":
-        grid = "uniform" if teacher.path.name == "rf" else "edm"
+        grid = solvers.default_grid(teacher.path.name)
     times = None if method == "adaptive" else solvers.make_grid(grid, num_steps, teacher.path)
 
     @jax.jit

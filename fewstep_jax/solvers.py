@@ -104,6 +104,13 @@ def make_grid(kind: str, num_steps: int, path: Path) -> np.ndarray:
     raise ValueError(f"unknown time grid {kind!r}; expected 'uniform', 'edm', 'ddpm_leading' or 'tcd'")
 
 
+def default_grid(path_name: str) -> str:
+    """The time grid few-step tables use for a path: EDM's rho-grid on the variance-exploding path,
+    uniform time steps otherwise (on VP paths the rho-grid's first step jumps from sigma_max
+    straight to sigma_min when N = 2: Heun at 4 NFE then diverges on the DDPM path)."""
+    return "edm" if path_name == "ve" else "uniform"
+
+
 def _check_steps(num_steps: int) -> None:
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -337,6 +344,7 @@ __all__ = [
     "ddim_step",
     "ddpm_leading_grid",
     "ddpm_leading_timesteps",
+    "default_grid",
     "edm_grid",
     "euler_step",
     "heun_step",

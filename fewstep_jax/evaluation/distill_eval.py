@@ -20,7 +20,8 @@ from fewstep_jax.config_utils import as_tuple
 from fewstep_jax.evaluation import report
 from fewstep_jax.evaluation.scoring import Reference, evaluate_samplers, make_reference, reference_rows
 from fewstep_jax.evaluation.student_eval import student_samplers
-from fewstep_jax.evaluation.teacher_solvers import default_grid, solver_samplers
+from fewstep_jax.evaluation.teacher_solvers import solver_samplers
+from fewstep_jax.solvers import default_grid
 
 
 def steps_kw_fn(config):

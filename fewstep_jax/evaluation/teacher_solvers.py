@@ -18,12 +18,8 @@ import numpy as np
 from fewstep_jax import solvers
 from fewstep_jax.evaluation import metrics
 from fewstep_jax.evaluation.scoring import evaluate_samplers, make_reference, reference_rows
+from fewstep_jax.solvers import default_grid
 from fewstep_jax.testbeds import Testbed
-
-
-def default_grid(path_name: str) -> str:
-    """Uniform time steps for rectified flow, the EDM rho-grid for diffusion paths."""
-    return "uniform" if path_name == "rf" else "edm"
 
 
 @partial(jax.jit, static_argnames=("method", "euler_into_data"))
@@ -179,7 +175,6 @@ def _write_solver_report(workdir, testbed, result, keep, cols) -> str:
 
 
 __all__ = [
-    "default_grid",
     "evaluate_teacher_solvers",
     "run_evaluate",
     "solve_batched",

@@ -82,8 +82,8 @@ def sampler_choice(
     """(nfe, gamma, grid kind) a run samples with: the arguments when set (nfe > 0, gamma >= 0,
     grid non-empty), else the run's own ``config.sampler`` (largest of ``nfes``, first of
     ``gammas``); a teacher run defaults to the largest ``eval.train_nfes``, gamma 0 and the
-    path's default grid (uniform for rf, EDM otherwise)."""
-    from fewstep_jax.evaluation.teacher_solvers import default_grid
+    path's default grid (:func:`fewstep_jax.solvers.default_grid`)."""
+    from fewstep_jax.solvers import default_grid
 
     if is_teacher_run(config):
         nfe = int(nfe) if nfe > 0 else max(as_tuple(config.eval.train_nfes, int))

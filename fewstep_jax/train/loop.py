@@ -258,7 +258,8 @@ def teacher_eval_fn(config: ml_collections.ConfigDict, testbed) -> EvalFn:
     ``analytic/<solver>_nfe<n>/<dist>``), and the flow-map MSE between the two."""
     from fewstep_jax.config_utils import as_tuple
     from fewstep_jax.evaluation import metrics
-    from fewstep_jax.evaluation.teacher_solvers import default_grid, solve_batched
+    from fewstep_jax.evaluation.teacher_solvers import solve_batched
+    from fewstep_jax.solvers import default_grid
     from fewstep_jax.teachers.neural import neural_teacher
 
     ec = config.eval

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fewstep_jax.paths import DDPM, Path, t_from_edm_sigma
+from fewstep_jax.paths import DDPM, Path, edm_sigma, t_from_edm_sigma
 
 Array = jax.Array
 Velocity = Callable[[Array, Array], Array]
@@ -56,6 +56,11 @@ def edm_grid(
         return np.array([1.0, 0.0], np.float32)
     i = np.arange(num_steps, dtype=np.float64) / (num_steps - 1)
     smax = sigma_max if sigma_max is not None else float("inf")
+    # a path whose t = 1 is not pure noise (DDPM: sigma/alpha = 14.6 at t = 1) caps sigma_max,
+    # else the top of the rho-grid would all map to t = 1
+    path_max = float(edm_sigma(path, jnp.ones(())))
+    if np.isfinite(path_max):
+        smax = min(smax, path_max)
     sig = (smax ** (1 / rho) + i * (sigma_min ** (1 / rho) - smax ** (1 / rho))) ** rho
     ts = np.asarray(t_from_edm_sigma(path, jnp.asarray(sig, jnp.float32)), np.float64)
     if start_at_one:

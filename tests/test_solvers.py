@@ -91,6 +91,10 @@ def test_grids():
         np.diff(sig[:].astype(np.float64) ** (1 / 7))[1:], np.diff(sig ** (1 / 7))[1], rtol=1e-3
     )
     assert abs(sig[-1] - 0.002) < 1e-5
+    # strictly decreasing on every path, also where t = 1 is not pure noise (DDPM caps sigma_max)
+    for name in ("rf", "vp_cosine", "vp_linear", "ddpm", "ve"):
+        g = solvers.edm_grid(18, get_path(name))
+        assert g[0] == 1.0 and g[-1] == 0.0 and np.all(np.diff(g) < 0), name
     # diffusers DDIMScheduler leading spacing
     np.testing.assert_array_equal(solvers.ddpm_leading_timesteps(4), [750, 500, 250, 0])
     from diffusers import DDIMScheduler

@@ -24,4 +24,4 @@ def test_distill_recipe_trains_scores_and_reports(tmp_path, monkeypatch):
     assert student_1["steps"] == 60 and student_1["flow_map_mse"] > 0
     text = (tmp_path / "report.md").read_text()
     assert "| traflow | 1 |" in text and "samples.png" in text and "trajectories.png" in text
-    assert (tmp_path / "loss_curves.png").exists()
+    assert (tmp_path / "loss_curve.png").exists() and "loss_curve.png" in text

@@ -113,8 +113,10 @@ def distill_report(config, workdir: str, student, params, testbed, wall_seconds:
             {"student, 4 jumps": np.asarray(traj), "teacher ODE": np.asarray(traj_t)},
             os.path.join(workdir, "trajectories.png"),
         )
-    figs["Loss curves"] = report.plot_loss_curves(
-        writers.read_metrics(workdir), os.path.join(workdir, "loss_curves.png")
+    # the training loop already drew the loss curves of this run (train.loop.write_report)
+    curve = os.path.join(workdir, "loss_curve.png")
+    figs["Loss curves"] = (
+        curve if os.path.exists(curve) else report.plot_loss_curves(writers.read_metrics(workdir), curve)
     )
     cols = ["method", "nfe", "flow_map_mse", *testbed.distance_names]
     notes = (

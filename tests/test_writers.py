@@ -60,3 +60,20 @@ def test_progress_reporter_prints_every_n_steps_on_main_only():
 def test_parameter_overview_lists_shapes_and_total():
     text = writers.log_parameter_overview({"dense": {"kernel": np.ones((3, 4), np.float32)}})
     assert "dense/kernel" in text and "(3, 4)" in text and "Total: 12" in text
+
+
+def test_eval_images_go_to_tensorboard(tmp_path):
+    """The loop's eval writer: scalars as eval/..., NHWC batches under images/ as image grids."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fewstep_jax.train.loop import write_eval
+
+    w = writers.make_writer(str(tmp_path), is_main=True)
+    imgs = np.linspace(-1, 1, 4 * 8 * 8).reshape(4, 8, 8, 1).astype(np.float32)
+    scalars = write_eval(w, 3, {"fd": 1.5, "images/euler_nfe4": imgs})
+    w.flush()
+    assert scalars == {"fd": 1.5}
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "tensors": 0}).Reload()
+    tags = acc.Tags()
+    assert any("samples/euler_nfe4" in t for t in tags.get("images", []) + tags.get("tensors", [])), tags
+    assert any("eval/fd" in t for t in tags.get("scalars", []) + tags.get("tensors", [])), tags

@@ -24,15 +24,10 @@ def _plt():
 
 
 def image_grid(images: np.ndarray, ncols: int = 8) -> np.ndarray:
-    """(N, H, W, C) in [-1, 1] -> one (rows*H, ncols*W, C) float image in [0, 1], 1-px gaps."""
-    x = np.clip((np.asarray(images, np.float32) + 1) / 2, 0, 1)
-    n, h, w, c = x.shape
-    rows = -(-n // ncols)
-    out = np.ones((rows * (h + 1) - 1, ncols * (w + 1) - 1, c), np.float32)
-    for i in range(n):
-        r, k = divmod(i, ncols)
-        out[r * (h + 1) : r * (h + 1) + h, k * (w + 1) : k * (w + 1) + w] = x[i]
-    return out
+    """(N, H, W, C) in [-1, 1] -> one grid image as floats in [0, 1] (train.writers.image_grid)."""
+    from fewstep_jax.train.writers import image_grid as uint8_grid
+
+    return uint8_grid(np.asarray(images, np.float32), ncols).astype(np.float32) / 255.0
 
 
 def plot_samples(

@@ -154,7 +154,7 @@ def train(
             progress(done, metrics)
             if eval_fn is not None and eval_every > 0 and done % eval_every == 0 and done != num_steps:
                 with progress.timed("eval"):
-                    writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_fn(state, done).items()})
+                    write_eval(writer, done, eval_fn(state, done))
             if ckpt.reached_preemption(done):
                 ckpt.save(done, state, {"next_step": done}, force=True)
                 ckpt.wait()
@@ -165,8 +165,7 @@ def train(
         ckpt.save(num_steps, state, {"next_step": num_steps}, force=True)
         ckpt.wait()
         if eval_fn is not None:
-            evals = eval_fn(state, num_steps)
-            writer.write_scalars(num_steps, {f"eval/{k}": v for k, v in evals.items()})
+            evals = write_eval(writer, num_steps, eval_fn(state, num_steps))
     finally:
         ckpt.close()
         writer.flush()
@@ -174,6 +173,17 @@ def train(
     if is_main:
         write_report(workdir_p, evals)
     return state
+
+
+def write_eval(writer, step: int, out: dict) -> dict[str, float]:
+    """Writes an evaluation: scalars as ``eval/<name>``, NHWC sample batches (keys ``images/<name>``)
+    as TensorBoard image grids ``samples/<name>``; returns the scalars."""
+    images = {k[len("images/") :]: v for k, v in out.items() if k.startswith("images/")}
+    scalars = {k: v for k, v in out.items() if not k.startswith("images/")}
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+    if images:
+        writers.write_images(writer, step, {f"samples/{k}": np.asarray(v) for k, v in images.items()})
+    return scalars
 
 
 def write_report(workdir: FilePath, evals: dict[str, float]) -> None:
@@ -302,6 +312,8 @@ def teacher_eval_fn(config: ml_collections.ConfigDict, testbed) -> EvalFn:
             out[f"{method}_nfe{nfe}/mse_vs_analytic"] = metrics.flow_map_error(
                 x0, ref_samples[f"{method}_nfe{nfe}"]
             )
+            if testbed.is_image:  # a few samples to TensorBoard (written by write_eval)
+                out[f"images/{method}_nfe{nfe}"] = x0[:16]
         return out
 
     return evaluate
@@ -474,5 +486,6 @@ __all__ = [
     "teacher_pairs",
     "train",
     "train_teacher",
+    "write_eval",
     "write_report",
 ]

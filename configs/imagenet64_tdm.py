@@ -7,7 +7,7 @@ Teacher: configs/imagenet64_teacher.py. Generator and fake score: the teacher's 
 initialised from it; data-free batches of noise with uniform labels; CFG scale 1.5 baked into the
 target (the demo uses 4.5 for text; ImageNet-64 needs far less). Demo recipe otherwise: AdamW
 betas (0, 0.95), wd 1e-2, fake lr 2e-5, generator 4e-6, 50 warm-up steps then cosine, grad-clip 1,
-pseudo-Huber. Batch 512. Mesh: TPU v5e-32, data=8, fsdp=4 (three 266M networks, two trained).
+pseudo-Huber. Batch 512. Mesh: a TPU v5p slice of 32 chips, data=8, fsdp=4 (three 266M networks, two trained).
 """
 
 import ml_collections

@@ -6,8 +6,8 @@ python -m fewstep_jax.dryrun --config=configs/imagenet64_traflow.py
 Teacher: configs/imagenet64_teacher.py (runs/imagenet64_teacher). Student: its 266M UNet + the
 s-branch, initialised from it; labels from the data (conditional student, no guidance distilled).
 Grid: uniform N = 40 (CTM's ImageNet grid size), jumps up to 39. Recipe: Adam lr 4e-4 (CTM),
-batch 1024, target EMA 0.999, eval EMA 0.9999. Mesh: TPU v5e-32, data=16, fsdp=2 (the replicated
-teacher is another 0.5 GiB per chip).
+batch 1024, target EMA 0.999, eval EMA 0.9999. Mesh: a TPU v5p slice of 32 chips, data=16,
+fsdp=2 (the replicated teacher is another 0.5 GiB per chip).
 """
 
 from configs import imagenet64_teacher

@@ -29,7 +29,31 @@ MODES = {
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder holding everything of this run.")
+flags.DEFINE_integer(
+    "cpu_devices",
+    0,
+    "XLA:CPU devices this process splits the host CPU into (a machine setting, not an experiment "
+    "one). 0: auto, the largest power of two <= min(cores, 8), unless XLA_FLAGS already sets "
+    "--xla_force_host_platform_device_count. Accelerators are unaffected.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def cpu_device_count(requested: int, cores: int | None, xla_flags: str) -> int | None:
+    """How many XLA:CPU devices to ask for; None: leave jax's setting alone.
+
+    Why: XLA:CPU keeps about one core busy per device, so on a CPU-only machine a batch split
+    over one device per core runs the same step faster (README, speed table: 1.76x for the MNIST
+    UNet step on 2 cores). A power of two keeps the usual batch sizes divisible.
+    """
+    if requested < 0:
+        raise ValueError(f"--cpu_devices={requested}; expected 0 (auto) or a positive count")
+    if requested:
+        return requested
+    if "xla_force_host_platform_device_count" in xla_flags:
+        return None
+    n = max(1, min(cores or 1, 8))
+    return 1 << (n.bit_length() - 1)
 
 
 def resolve_mode(mode: str):
@@ -61,6 +85,11 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config, workdir = FLAGS.config, FLAGS.workdir
     run = resolve_mode(config.mode)
+    n = cpu_device_count(FLAGS.cpu_devices, os.cpu_count(), os.environ.get("XLA_FLAGS", ""))
+    if n is not None:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", n)  # must precede the first backend use
     from fewstep_jax import parallel
 
     # before anything touches a device (save_config asks for the process index)

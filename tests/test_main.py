@@ -67,3 +67,40 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert ci in readme, f"README must contain the CI command verbatim: {ci}"
     first = re.search(r"```bash\n(.*?)\n```", readme, re.S).group(1)
     assert "fewstep" in first and "configs/default.py" in first
+
+
+def test_cpu_device_count_auto_is_a_power_of_two_and_respects_xla_flags():
+    from fewstep_jax.main import cpu_device_count
+
+    assert cpu_device_count(0, 2, "") == 2
+    assert cpu_device_count(0, 6, "") == 4  # batch sizes stay divisible
+    assert cpu_device_count(0, 64, "") == 8
+    assert cpu_device_count(0, None, "") == 1
+    assert cpu_device_count(3, 2, "") == 3  # an explicit request wins
+    assert cpu_device_count(0, 2, "--xla_force_host_platform_device_count=8") is None
+    with pytest.raises(ValueError, match="cpu_devices=-1"):
+        cpu_device_count(-1, 2, "")
+
+
+def probe_devices(config, workdir):
+    """A mode for the test below: records how many devices the run saw."""
+    import jax
+
+    Path(workdir, "devices.txt").write_text(str(jax.device_count()))
+
+
+@pytest.mark.parametrize("flag,expected", [("--cpu_devices=3", "3"), ("--cpu_devices=0", "2")])
+def test_cpu_devices_flag_splits_the_host_cpu(tmp_path, flag, expected):
+    env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    code = (
+        "import os, sys; from absl import app; from fewstep_jax import main as m;"
+        "os.cpu_count = lambda: 2;"
+        "m.MODES['probe'] = 'tests.test_main:probe_devices';"
+        "sys.argv = sys.argv[1:]; app.run(m.main, flags_parser=m.parse_flags_or_exit)"
+    )
+    args = ["x", "--config=configs/gmm8_teacher.py", "--config.mode=probe", f"--workdir={tmp_path}", flag]
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "devices.txt").read_text() == expected

@@ -17,11 +17,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.testbed = ml_collections.ConfigDict()
-    c.testbed.name = "gmm8"  # gmm8 | checker | gmm_hd | digits | mnist
+    # exact testbeds (analytic teacher): gmm8 | checker | gmm_hd | digits | mnist; or a real dataset
+    # "tfds:<name>" (e.g. tfds:cifar10, tfds:imagenet_resized/64x64; no analytic teacher, FID)
+    c.testbed.name = "gmm8"
     c.testbed.path = "rf"  # rf | vp_cosine | vp_linear | ddpm | ve
     c.testbed.num_reference = 10_000  # exact data samples the distances compare against
     c.testbed.mnist_path = ""  # .npz with x_train/y_train; empty: tensorflow-datasets 'mnist'
     c.testbed.subset = 5000  # MNIST images in the ideal-denoiser teacher
+    c.testbed.data_dir = ""  # tfds:<name> testbeds: the TFDS data_dir holding it; "" = TFDS's default
+    c.testbed.split = "train"  # tfds:<name> testbeds: the split runs train on
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 2000
@@ -32,6 +36,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.train_nfes = (1, 2, 4, 8)  # NFEs of the periodic/final eval of a training run
     c.eval.train_solvers = ("euler", "heun")
     c.eval.train_num_samples = 1000
+    c.eval.teacher_solvers = ("euler", "heun", "dpmpp_2m")  # teacher rows beside a distilled student
+    # FID of tfds:<name> testbeds (off unless both are set): converted Inception weights (.npz, see
+    # fewstep_jax/evaluation/inception.py) and reference statistics (.npz mu, sigma; evaluation/fid.py)
+    c.eval.fid_inception = ""
+    c.eval.fid_reference = ""
+    c.eval.fid_batch_size = 256  # Inception batch (rounded up to a multiple of the local devices)
+    c.eval.fid_resize_to = 299  # Inception input size: 299 is FID; smaller (>= 75) only for tests
 
     # ---- training engine (train_teacher, distill) --------------------------------------------
     c.model = mlp_config()  # the trained network (fewstep_jax.models.build_model)
@@ -42,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.student.form = "euler"  # euler | semilinear
     c.student.prediction = "flow"
     c.student.init_from_teacher = True  # distill: copy the teacher network's params when it has one
-    c.student.data = "data"  # distill batches: "data" (testbed samples) | "noise" (data-free)
+    c.student.data = "data"  # distill batches: "data" (testbed samples) | "noise" (data-free) | "pairs"
     # loss terms of the main network: {term: {"weight": w, ...term kwargs}} (losses/api.py);
     # config files fill it, e.g. c.losses.flow_matching = {"weight": 1.0}
     c.losses = ml_collections.ConfigDict()

@@ -3,6 +3,11 @@
 python -m fewstep_jax.main --config=configs/cifar10_rf_teacher.py --workdir=runs/cifar10_rf_teacher
 python -m fewstep_jax.dryrun --config=configs/cifar10_rf_teacher.py    # memory/FLOPs, no accelerator
 
+Data: the dataset testbed ``tfds:cifar10`` (train split, prepared on disk: give its TFDS data_dir
+with ``--config.testbed.data_dir=DIR``; nothing is downloaded). FID at the evaluations with
+``--config.eval.fid_inception=inception_fid.npz --config.eval.fid_reference=cifar10_train.npz``
+(see fewstep_jax/evaluation/fid.py); without them the evaluations write sample grids only.
+
 Network: the diffusers-style UNet2D closest to DDPM++ (score_sde ``ncsnpp``/``ddpmpp`` nf 128,
 ch_mult (1, 2, 2, 2), 4 res blocks per resolution, attention at 16x16): block_out_channels
 (128, 256, 256, 256), layers_per_block 4 (so 5 resnets per up block, as diffusers), attention
@@ -69,7 +74,7 @@ def add_dryrun(c, accelerator: str, num_devices: int, teacher_config: str = "") 
 def get_config():
     c = base.get_config()
     c.mode = "train_teacher"
-    c.testbed.name = "cifar10"
+    c.testbed.name = "tfds:cifar10"
     c.testbed.path = "rf"
     c.model = ddpmpp_unet(32)
     c.teacher.prediction = "flow"
@@ -103,6 +108,8 @@ def student_base(teacher_file: str, teacher_workdir: str, get_teacher_config):
     c.mode = "distill"
     c.testbed.name = t.testbed.name
     c.testbed.path = t.testbed.path
+    c.testbed.data_dir = t.testbed.data_dir
+    c.testbed.split = t.testbed.split
     c.model = ml_collections.ConfigDict(t.model.to_dict())
     c.model.dropout = 0.0  # CD/CTM distil with dropout 0
     c.model.use_s = True

@@ -7,7 +7,7 @@ The "ddpm" path (1000 linear-beta steps, t = (k+1)/1000) with eps-prediction, so
 students use the integer-timestep schedules of their scripts exactly (METHODS.md 3.2, 4.3, 5.3).
 Network: the same 58.7M-parameter DDPM++-size UNet2D as configs/cifar10_rf_teacher.py, dropout
 0.1 (DDPM). Recipe (DDPM / score_sde CIFAR-10): Adam lr 2e-4, 5000 warm-up steps, grad-clip 1,
-batch 128, EMA 0.9999, discrete timesteps.
+batch 128, EMA 0.9999, discrete timesteps. Data and FID: as configs/cifar10_rf_teacher.py.
 
 Mesh: one 8-accelerator host, data parallel: mesh data=8, fsdp=1.
 """
@@ -19,7 +19,7 @@ from configs.cifar10_rf_teacher import add_dryrun, ddpmpp_unet
 def get_config():
     c = base.get_config()
     c.mode = "train_teacher"
-    c.testbed.name = "cifar10"
+    c.testbed.name = "tfds:cifar10"
     c.testbed.path = "ddpm"
     c.model = ddpmpp_unet(32)
     c.model.dropout = 0.1

@@ -3,8 +3,11 @@
 python -m fewstep_jax.main --config=configs/imagenet64_teacher.py --workdir=runs/imagenet64_teacher
 python -m fewstep_jax.dryrun --config=configs/imagenet64_teacher.py
 
-Data: ``tfds:imagenet_resized/64x64`` (prepared on disk), labels 0..999, label dropout 0.1 for
-classifier-free guidance. Network: UNet2D block_out_channels (192, 384, 576, 768), 3 layers per
+Data: the dataset testbed ``tfds:imagenet_resized/64x64`` (prepared on disk; its TFDS data_dir
+in ``--config.testbed.data_dir``), labels 0..999, label dropout 0.1 for classifier-free guidance.
+The loader holds the whole split in every host's RAM as float32 (1.28M images: about 63 GB; see
+fewstep_jax/data/tfds_source.py). FID: ``--config.eval.fid_inception`` and ``fid_reference``.
+Network: UNet2D block_out_channels (192, 384, 576, 768), 3 layers per
 block, attention (64-channel heads) at 32, 16 and 8 px and in the mid block, 1000-class label
 embedding: 265.7M parameters (EDM's ADM ImageNet-64 has 296M). Recipe (EDM ImageNet-64 order):
 Adam lr 2e-4, 5000 warm-up steps, grad-clip 1, batch 1024 (EDM: 4096), EMA 0.9999, bfloat16.

@@ -4,7 +4,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
 python -m fewstep_jax.main --config=configs/mnist_teacher.py --workdir=runs/mnist_teacher \\
     --config.testbed.mnist_path=../shared/data/mnist.npz   # or leave empty for tfds 'mnist'
 
-CPU budget (measured, README "Trained teachers"): 4000 steps at batch 64 on a 2-core x86 machine
+CPU budget (measured, README "Trained teachers"): 3000 steps at batch 32 on a 2-core x86 machine
 with the batch split over 2 host devices (the XLA_FLAGS line: XLA:CPU keeps one core busy per
 device, so 2 devices run a step about 1.75x faster than 1); an accelerator needs minutes. The
 final evaluation compares the trained teacher with the exact ideal-denoiser teacher of the first
@@ -30,8 +30,8 @@ def get_config():
         "t_sampling": "logit_normal",
         "label_dropout": 0.1,
     }
-    c.train.num_steps = 4000
-    c.train.batch_size = 64
+    c.train.num_steps = 3000
+    c.train.batch_size = 32
     c.train.log_every = 100
     c.train.checkpoint_every = 500
     c.train.eval_every = 0

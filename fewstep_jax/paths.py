@@ -18,6 +18,7 @@ vanishes on [0, 1], so they are the stable carriers near both endpoints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
@@ -295,12 +296,17 @@ _PATHS = {
     "vp_cosine": VPCosine,
     "vp_linear": VPLinear,
     "ddpm": DDPM,
+    # the original DDPM / diffusers-default table (linear betas 1e-4..0.02; TDM's demo, CIFAR-10
+    # DDPM); a DDPM path like "ddpm" (same class and .name), so every DDPM-only code path takes it
+    "ddpm_linear": functools.partial(DDPM, schedule="linear", beta_start=1e-4, beta_end=0.02),
     "ve": VE,
 }
 
 
 def get_path(name: str, **kwargs) -> Path:
-    """Builds a path by name: ``rf``, ``vp_cosine``, ``vp_linear``, ``ddpm`` (schedule=...), ``ve``."""
+    """Builds a path by name (``config.testbed.path``): ``rf``, ``vp_cosine``, ``vp_linear``,
+    ``ddpm`` (Stable Diffusion's scaled_linear 0.00085..0.012; ``schedule=`` etc. override),
+    ``ddpm_linear`` (linear betas 1e-4..0.02, diffusers' DDPMScheduler default), ``ve``."""
     if name not in _PATHS:
         raise ValueError(f"unknown path {name!r}; expected one of {sorted(_PATHS)}")
     return _PATHS[name](**kwargs)

@@ -207,9 +207,10 @@ def make_testbed(
 # ---------------------------------------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnames=("rtol", "atol"))
+@partial(jax.jit, static_argnames=("guidance", "rtol", "atol"))
 def _adaptive_solve(teacher, x, label, guidance, rtol, atol):
-    # the teacher is an argument (a pytree), so its arrays are not baked into the program
+    # the teacher is an argument (a pytree), so its arrays are not baked into the program; the
+    # guidance scale is static so that 1.0 means "no guidance" (an unconditional teacher accepts it)
     return solvers.solve_adaptive(teacher.velocity_fn(label, guidance), x, 1.0, 0.0, rtol, atol)
 
 
@@ -228,6 +229,7 @@ def reference_flow_map(
     """
 
     teacher.check_input(np.asarray(x1[:1]))
+    guidance = float(guidance)
     outs, nfe = [], 0
     for i in range(0, len(x1), batch_size):
         lab = None if label is None else jnp.asarray(label[i : i + batch_size])

@@ -259,3 +259,65 @@ def test_tdm_two_step_student_matches_a_gaussian_teacher():
         x0_f = stu.x0_eps(fp, xt, jnp.full((21,), tau))[0]
         err = float(jnp.max(jnp.abs(x0_f - post)))
         assert err < 0.3, (tau, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# degenerate (finite) normaliser guard: max_grad_scale / max_normalizer
+# ---------------------------------------------------------------------------------------------
+
+
+def test_collapsed_normaliser_makes_the_loss_nan_with_a_flag_and_zero_gradient():
+    x = jnp.ones((3, 2))
+    fake = x.at[1].add(0.1)  # sample 1: x0_hat == real (wf = 0) but the DM direction is not 0
+    for surrogate in (
+        lambda v, **kw: dm.tdm_surrogate(v, fake, x, "pseudo_huber", **kw),
+        lambda v, **kw: dm.dmd_surrogate(v, fake, x, **kw),
+    ):
+        loss, m = surrogate(x)  # no limits: the finite (huge-gradient) loss of before
+        assert np.isfinite(float(loss)) and float(m["nonfinite/normalizer"]) == 0.0
+        np.testing.assert_allclose(float(m["grad_scale_max"]), 0.1 / 1e-6, rtol=1e-3)
+        loss, m = surrogate(x, max_grad_scale=1e4)
+        assert np.isnan(float(loss)) and float(m["nonfinite/normalizer"]) == 1.0
+        g = jax.grad(lambda v, f=surrogate: f(v, max_grad_scale=1e4)[0])(x)
+        assert np.all(np.asarray(g) == 0.0)  # NaN only in the value: a skipped step stays clean
+        loss, m = surrogate(x + 1.0, max_grad_scale=1e4)  # healthy normaliser: scale O(0.1)
+        assert np.isfinite(float(loss)) and float(m["nonfinite/normalizer"]) == 0.0
+    # an exploded (finite) normaliser
+    _, m = dm.dmd_surrogate(x + 1e6, x, x, max_normalizer=1e4)
+    assert float(m["nonfinite/normalizer"]) == 1.0 and float(m["normalizer_max"]) == pytest.approx(1e6)
+
+
+def test_guard_config_keys():
+    stu = Student(model_apply(_mlp()), RF)
+    for term in ("tdm", "dmd"):
+        assert dm.NORMALIZER_GUARD.items() <= getattr(dm, f"{term.upper()}_DEFAULTS").items()
+        get_factory(term)(ml_collections.ConfigDict({"max_grad_scale": None, "max_normalizer": None}), stu)
+        with pytest.raises(ValueError, match="max_grad_scale"):
+            get_factory(term)(ml_collections.ConfigDict({"max_grad_scale": 0.0}), stu)
+
+
+@pytest.mark.parametrize("recipe", ["tdm", "dmd"])
+def test_exploding_normaliser_stops_training_naming_it(tmp_path, recipe):
+    """A teacher whose targets are huge but finite (means x 1e6): with the default limits the
+    run stops at step 0 naming '<term>/normalizer' and the hint; nothing else is non-finite."""
+    from configs.distill import get_config
+    from fewstep_jax.data import NoiseSource
+    from fewstep_jax.testbeds import make_testbed
+    from fewstep_jax.train.loop import NonFiniteError, _distill_nets, train
+
+    c = get_config(f"gmm8,{recipe},3")
+    for m in (c.model, c.aux_nets.fake.model):
+        m.width, m.num_layers, m.emb_dim = 16, 1, 8
+    c.train.batch_size, c.train.main_start, c.optim.warmup_steps = 16, 0, 0
+    tb = make_testbed("gmm8", "rf", num_reference=100)
+    far = tb.teacher.replace(params={**tb.teacher.params, "means": tb.teacher.params["means"] * 1e6})
+    main, aux = _distill_nets(c, tb.teacher, tb.teacher.data_shape)
+    with pytest.raises(NonFiniteError, match=rf"step 0 .*'{recipe}/normalizer'.*max_normalizer") as e:
+        train(
+            c,
+            str(tmp_path),
+            student_factory=lambda _: (main, aux),
+            teacher=far,
+            data_source=NoiseSource((2,), 16, 0, None, 0, 1),
+        )
+    assert "targets" not in str(e.value)  # finite targets: only the normaliser guard fired

@@ -120,3 +120,32 @@ def test_bad_inputs_rejected():
         get_path("rf").to_x0_eps(jnp.ones((1, 1)), "noise", jnp.ones((1, 1)), jnp.ones(1))
     with pytest.raises(ValueError, match="unknown DDPM beta schedule"):
         DDPM(schedule="cosine").alphas_cumprod()
+
+
+def test_ddpm_linear_is_diffusers_linear_schedule():
+    import torch
+    from diffusers import DDPMScheduler
+
+    path = get_path("ddpm_linear")
+    assert isinstance(path, DDPM) and path.schedule == "linear" and path == get_path("ddpm_linear")
+    ref = DDPMScheduler(beta_schedule="linear").alphas_cumprod.to(torch.float64).numpy()
+    np.testing.assert_allclose(path.alphas_cumprod(), ref, rtol=1e-6)
+    t = path.timestep_to_t(np.arange(1000))
+    np.testing.assert_allclose(np.asarray(path.alpha(t)) ** 2, ref, rtol=1e-4, atol=1e-7)
+    # not the scaled_linear table of "ddpm" (abar(T) 2.1e-3 vs 4.0e-5)
+    assert path != get_path("ddpm") and abs(get_path("ddpm").alphas_cumprod()[-1] - ref[-1]) > 1e-3
+
+
+def test_tcd_recipe_trains_on_the_linear_ddpm_path(tmp_path):
+    from configs.distill import get_config
+    from fewstep_jax.train.loop import distill
+    from fewstep_jax.train.writers import read_metrics
+
+    c = get_config("gmm8,tcd,3")
+    c.testbed.path = "ddpm_linear"  # the recipe keeps a non-rf path
+    c.model.width, c.model.num_layers, c.model.emb_dim = 16, 1, 8
+    c.train.batch_size, c.train.log_every, c.testbed.num_reference = 16, 1, 100
+    d = distill(c, str(tmp_path), evaluate=False)
+    assert int(d.state.step) == 3 and d.student.path == d.teacher.path == get_path("ddpm_linear")
+    rows = [r for r in read_metrics(str(tmp_path)) if "loss/tcd" in r]
+    assert len(rows) == 3 and all(np.isfinite(r["loss/tcd"]) for r in rows)

@@ -39,11 +39,13 @@ def test_tcd_grid_is_the_scheduler_grid_and_lies_on_the_training_grid():
         solvers.make_grid("tcd", 51, path)
 
 
-@pytest.mark.parametrize("name", ["tcd", "lcm", "tcd2", "tcd_huber", "tcd_cfg", "lcm_cfg"])
+@pytest.mark.parametrize(
+    "name", ["tcd", "lcm", "tcd_s", "tcd2", "tcd_huber", "tcd_cfg", "tcd_s_cfg", "lcm_cfg"]
+)
 def test_recipes_configure_a_vp_semilinear_student(load, name):
     c = load("gmm8", name, 10)
     assert c.method == name and c.testbed.path == "ddpm"
-    assert c.student.form == "semilinear" and not c.model.use_s
+    assert c.student.form == "semilinear" and c.model.use_s == name.startswith("tcd_s")
     assert c.ema.target_decay == 0.95 and c.sampler.grid == "tcd" and c.eval.grid == "tcd"
     (term,) = c.losses.values()
     assert term["num_ddim_timesteps"] == 50

@@ -9,9 +9,13 @@ path, which TCD is not defined for, so these recipes move an ``rf`` testbed to t
 
 * ``tcd``: TCF(1), sampled with strategic stochastic sampling at gamma 0, 0.2, 0.3, 0.5, 1.
 * ``lcm``: LCM's boundary-scaled consistency to data, sampled multistep (gamma 1).
+* ``tcd_s``: TCF(1) whose network also sees the target time ``s`` (the zero-initialised s-branch of
+  the flow-map students, so a student initialised from a teacher starts exactly as ``tcd``): our
+  extension, not in the paper. One s-agnostic x0/eps pair must serve every jump in ``tcd``; with
+  ``s`` the 1-step jump to the data gets its own prediction (where ``tcd`` loses to LCM).
 * ``tcd2``: TCF(2) (second-order exponential integrator, two student calls per target).
 * ``tcd_huber``: TCD with the elementwise pseudo-Huber distance (c = 1e-3).
-* ``tcd_cfg`` / ``lcm_cfg``: class-conditional students distilled from the guided teacher,
+* ``tcd_cfg`` / ``tcd_s_cfg`` / ``lcm_cfg``: class-conditional students distilled from the guided teacher,
   ``w ~ U[0, 2]`` in LCM form (Imagen scale ``1 + w``) given to the student as its guidance input.
 """
 
@@ -50,8 +54,9 @@ def _guided(c, term: dict) -> None:
     term.update(w_min=GUIDANCE_RANGE[0], w_max=GUIDANCE_RANGE[1], guidance_embed=True)
 
 
-def tcd(c, order=1, distance="l2", guided=False):
+def tcd(c, order=1, distance="l2", guided=False, use_s=False):
     _vp_student(c)
+    c.model.use_s = use_s
     term = {"weight": 1.0, "num_ddim_timesteps": 50, "tcf_order": order, "distance": distance}
     if guided:
         _guided(c, term)
@@ -71,6 +76,8 @@ def lcm(c, guided=False):
 RECIPES = {
     "tcd": tcd,
     "lcm": lcm,
+    "tcd_s": lambda c: tcd(c, use_s=True),
+    "tcd_s_cfg": lambda c: tcd(c, guided=True, use_s=True),
     "tcd2": lambda c: tcd(c, order=2),
     "tcd_huber": lambda c: tcd(c, distance="huber"),
     "tcd_cfg": lambda c: tcd(c, guided=True),

@@ -4,6 +4,10 @@ Rows (same format as the teacher-solver table): the student at ``config.sampler.
 gamma), the teacher's Euler / Heun / DPM-Solver++(2M) at the same NFEs, the converged teacher and
 the data floor; plus the distillation cost. ``report.md`` in the workdir shows the table, sample
 grids per NFE, the student's trajectories (2-D) and the loss curves.
+
+On a dataset testbed (:mod:`fewstep_jax.data_testbed`, no analytic teacher) there is no flow map
+to compare with: the rows are the student and the network teacher's solvers (``teacher=``) at the
+same NFEs on the same noise, with the testbed's distances (FID when configured, else none).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from fewstep_jax import samplers, solvers
 from fewstep_jax.config_utils import as_tuple
 from fewstep_jax.evaluation import report
 from fewstep_jax.evaluation.scoring import Reference, evaluate_samplers, make_reference, reference_rows
-from fewstep_jax.evaluation.student_eval import student_samplers
+from fewstep_jax.evaluation.student_eval import student_condition, student_samplers
 from fewstep_jax.evaluation.teacher_solvers import solver_samplers
 from fewstep_jax.solvers import default_grid
 
@@ -44,11 +48,16 @@ def evaluate_distilled(
     teacher_solvers=("euler", "heun", "dpmpp_2m"),
     log=print,
     keep: dict | None = None,
+    teacher=None,
 ) -> list[dict]:
-    """Rows of the student (eval-EMA ``params``) and of the teacher's solvers at the same NFEs."""
+    """Rows of the student (eval-EMA ``params``) and of the teacher's solvers at the same NFEs.
+
+    ``teacher``: the network teacher whose solvers a dataset testbed's rows show (an exact testbed
+    uses its analytic teacher and ignores it)."""
+    if testbed.teacher is None:
+        return _dataset_rows(config, student, params, testbed, teacher, teacher_solvers, log, keep)
     ec, sc = config.eval, config.sampler
     nfes = as_tuple(sc.nfes, int)
-    ref = ref or make_reference(testbed, int(ec.num_samples), int(config.seed), int(ec.batch_size))
     name = config.method or "student"
     ss = student_samplers(
         student,
@@ -60,12 +69,21 @@ def evaluate_distilled(
         int(ec.batch_size),
         int(config.seed),
         steps_kw_fn(config),
+        # a conditional reference (labels, CFG scale) conditions the student the same way
+        student_condition(config, ref) if ref is not None else None,
     )
+    ref = ref or make_reference(testbed, int(ec.num_samples), int(config.seed), int(ec.batch_size))
     rows = reference_rows(testbed, ref, int(config.seed))
     rows += evaluate_samplers(testbed, ss, nfes, ref, log, keep=keep, keep_nfes=nfes)
     grid_kind = default_grid(testbed.teacher.path.name) if ec.grid == "auto" else ec.grid
     tsamp = solver_samplers(
-        testbed.teacher, teacher_solvers, grid_kind, int(ec.batch_size), testbed.singular_at_data
+        testbed.teacher,
+        teacher_solvers,
+        grid_kind,
+        int(ec.batch_size),
+        testbed.singular_at_data,
+        ref.label,
+        ref.guidance,
     )
     rows += evaluate_samplers(
         testbed, {f"teacher {k}": v for k, v in tsamp.items()}, nfes, ref, log, keep=keep, keep_nfes=nfes
@@ -75,14 +93,68 @@ def evaluate_distilled(
     return rows
 
 
-def distill_report(config, workdir: str, student, params, testbed, wall_seconds: float) -> list[dict]:
-    """Evaluates the student and writes ``eval.json`` + ``report.md`` with figures into ``workdir``."""
+def _dataset_rows(config, student, params, testbed, teacher, teacher_solvers, log, keep) -> list[dict]:
+    """Rows ``{testbed, method, nfe, <distances>}`` of a dataset testbed: the student's samplers and
+    the network teacher's solvers on the same ``eval.num_samples`` noise (class-conditional
+    networks: balanced labels, no guidance); the first 64 samples of each (method, NFE) go to
+    ``keep``."""
+    from fewstep_jax.evaluation.scoring import balanced_labels
+
+    if teacher is None:
+        raise ValueError(f"testbed {testbed.name!r} has no analytic teacher: pass the network teacher")
+    ec, sc = config.eval, config.sampler
+    nfes = as_tuple(sc.nfes, int)
+    n, bs = int(ec.num_samples), int(ec.batch_size)
+    x1 = np.asarray(teacher.prior(jax.random.PRNGKey(int(config.seed)), n))
+    nc = int(config.model.get("num_classes", 0))
+    label = balanced_labels(n, nc) if nc else None
+    ss = student_samplers(
+        student,
+        params,
+        config.method or "student",
+        sc.grid,
+        as_tuple(sc.gammas, float),
+        sc.kind,
+        bs,
+        int(config.seed),
+        steps_kw_fn(config),
+        condition={"label": label} if nc else None,
+    )
+    grid_kind = default_grid(teacher.path.name) if ec.grid == "auto" else ec.grid
+    t_label = balanced_labels(n, teacher.num_classes) if teacher.num_classes else None
+    tsamp = solver_samplers(teacher, teacher_solvers, grid_kind, bs, testbed.singular_at_data, label=t_label)
+    samplers_ = {**ss, **{f"teacher {k}": v for k, v in tsamp.items()}}
+    if not testbed.distance_names:
+        log(f"[{testbed.name}] no sample distance (FID off): samples only")
+    rows = []
+    for name, sampler in samplers_.items():
+        for nfe in nfes:
+            y = sampler(x1, nfe)
+            if y is None:
+                continue
+            row = {"testbed": testbed.name, "method": name, "nfe": nfe, **testbed.distances(np.asarray(y))}
+            rows.append(row)
+            if keep is not None:
+                keep.setdefault(name, {})[nfe] = np.asarray(y[:64])
+            dists = " ".join(f"{k} {row[k]:.4g}" for k in testbed.distance_names)
+            log(f"[{testbed.name}] {name:12s} NFE {nfe:3d}: {dists}")
+    return rows
+
+
+def distill_report(
+    config, workdir: str, student, params, testbed, wall_seconds: float, teacher=None
+) -> list[dict]:
+    """Evaluates the student and writes ``eval.json`` + ``report.md`` with figures into ``workdir``
+    (``teacher``: the network teacher of a dataset testbed, see :func:`evaluate_distilled`)."""
     from fewstep_jax.evaluation.tables import write_json
     from fewstep_jax.train import writers
 
     t0 = time.time()
     keep: dict = {}
-    rows = evaluate_distilled(config, student, params, testbed, keep=keep)
+    solvers_ = as_tuple(config.eval.get("teacher_solvers", ("euler", "heun", "dpmpp_2m")))
+    rows = evaluate_distilled(
+        config, student, params, testbed, teacher_solvers=solvers_, keep=keep, teacher=teacher
+    )
     cost = {
         "steps": int(config.train.num_steps),
         "batch": int(config.train.batch_size),
@@ -118,12 +190,20 @@ def distill_report(config, workdir: str, student, params, testbed, wall_seconds:
     figs["Loss curves"] = (
         curve if os.path.exists(curve) else report.plot_loss_curves(writers.read_metrics(workdir), curve)
     )
-    cols = ["method", "nfe", "flow_map_mse", *testbed.distance_names]
+    exact = testbed.teacher is not None
+    cols = ["method", "nfe", *(["flow_map_mse"] if exact else []), *testbed.distance_names]
     notes = (
-        f"`{config.method}` on `{testbed.name}` ({testbed.teacher.path.name} path): "
+        f"`{config.method}` on `{testbed.name}` ({student.path.name} path): "
         f"{cost['steps']} student steps at batch {cost['batch']}, "
         f"{wall_seconds:.0f} s of training."
     )
+    if not exact:
+        notes += (
+            f" Real dataset, no exact flow map: {', '.join(testbed.distance_names)} on "
+            f"{config.eval.num_samples} samples."
+            if testbed.distance_names
+            else " Real dataset, FID off (set eval.fid_inception and eval.fid_reference): samples only."
+        )
     report.write_report(workdir, f"Distillation: {config.method} on {testbed.name}", rows, cols, figs, notes)
     return rows
 

@@ -4,6 +4,11 @@ A *sampler* is ``sampler(x1 (N, ...) noise at t = 1, nfe) -> samples (N, ...)`` 
 cannot run at that NFE. Teacher solvers, students and reflowed flows are all scored the same way:
 on the same noise, against the same reference flow map ``Phi(x1, 1, 0)`` and the same data, giving
 rows ``{testbed, method, nfe, flow_map_mse, <the testbed's distances>, ...}``.
+
+A *conditional* reference (``make_reference(..., label=, guidance=)``) holds one class label per
+noise and a CFG scale: its flow map is the guided teacher's with those labels, and every sample
+distance becomes the per-class one (:func:`class_distances`), so conditional samplers must be
+built with the same labels (``Reference.label``) in the same order.
 """
 
 from __future__ import annotations
@@ -30,27 +35,69 @@ class Reference:
     nfe: int  # NFE of the adaptive reference solve (the batch maximum)
     mse_vs_tighter: float  # its flow-map error against a 10x tighter tolerance (on <= 200 samples)
     seconds: float
+    label: np.ndarray | None = None  # (N,) int32 class of each noise (conditional reference), or None
+    guidance: float = 1.0  # Imagen CFG scale of the reference solve
+
+    def distances(self, testbed: Testbed, x: np.ndarray) -> dict[str, float]:
+        """The testbed's distances of samples ``x`` (N, ...) made from ``x1``: per class (averaged
+        over the classes) for a conditional reference, else to the whole data distribution."""
+        if self.label is None:
+            return testbed.distances(x)
+        return class_distances(testbed, x, self.label)
 
 
-def make_reference(testbed: Testbed, num_samples: int, seed: int = 0, batch_size: int = 1000) -> Reference:
-    """Draws the evaluation noise from ``seed`` and solves it exactly (adaptive RK45)."""
+def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
+    """(N,) int32 labels ``0, 1, ..., K-1, 0, 1, ...``: every class gets N // K or N // K + 1 noises."""
+    if num_classes <= 0:
+        raise ValueError(f"balanced labels need num_classes > 0, got {num_classes}")
+    return (np.arange(num_samples) % num_classes).astype(np.int32)
+
+
+def make_reference(
+    testbed: Testbed,
+    num_samples: int,
+    seed: int = 0,
+    batch_size: int = 1000,
+    label: np.ndarray | None = None,
+    guidance: float = 1.0,
+) -> Reference:
+    """Draws the evaluation noise from ``seed`` and solves it exactly (adaptive RK45).
+
+    With ``label`` ((N,) int32) the reference is conditional: ``testbed.teacher`` guided at the
+    Imagen scale ``guidance`` with those labels (rows are then scored per class)."""
     t0 = time.time()
     teacher = testbed.teacher
+    if label is None and guidance != 1.0:
+        raise ValueError(f"guidance={guidance} needs class labels (a conditional reference)")
+    if label is not None:
+        label = np.asarray(label, np.int32)
+        if label.shape != (num_samples,):
+            raise ValueError(f"label must have shape ({num_samples},), got {label.shape}")
+        if teacher.num_classes <= 0:
+            raise ValueError(f"teacher {teacher.name!r} of testbed {testbed.name!r} is unconditional")
     x1 = np.asarray(teacher.prior(jax.random.PRNGKey(seed), num_samples))
-    x0, nfe = reference_flow_map(teacher, x1, batch_size=batch_size)
+    x0, nfe = reference_flow_map(teacher, x1, label, guidance, batch_size=batch_size)
     n = min(200, num_samples)
-    tight, _ = reference_flow_map(teacher, x1[:n], rtol=1e-6, atol=1e-6, batch_size=batch_size)
-    return Reference(x1, x0, nfe, metrics.flow_map_error(x0[:n], tight), time.time() - t0)
+    lab_n = None if label is None else label[:n]
+    tight, _ = reference_flow_map(
+        teacher, x1[:n], lab_n, guidance, rtol=1e-6, atol=1e-6, batch_size=batch_size
+    )
+    return Reference(
+        x1, x0, nfe, metrics.flow_map_error(x0[:n], tight), time.time() - t0, label, float(guidance)
+    )
 
 
 def reference_rows(testbed: Testbed, ref: Reference, seed: int = 0) -> list[dict]:
     """The converged teacher and (mixtures) a fresh data sample of the same size: the floor."""
     rows = [{"testbed": testbed.name, "method": "teacher (converged)", "nfe": ref.nfe, "flow_map_mse": 0.0}]
-    rows[0].update(testbed.distances(ref.x0))
+    rows[0].update(ref.distances(testbed, ref.x0))
     if not testbed.is_image:
-        fresh = testbed.sample_data(np.random.default_rng(seed + 1), len(ref.x1))["x"]
+        fresh = testbed.sample_data(np.random.default_rng(seed + 1), len(ref.x1))
         row = {"testbed": testbed.name, "method": "data (same size)", "nfe": 0, "flow_map_mse": float("nan")}
-        row.update(testbed.distances(fresh))
+        if ref.label is None:
+            row.update(testbed.distances(fresh["x"]))
+        else:  # per class, with the data's own labels
+            row.update(class_distances(testbed, fresh["x"], np.asarray(fresh["label"])))
         rows.append(row)
     return rows
 
@@ -60,7 +107,7 @@ def score(testbed: Testbed, method: str, nfe: int, samples: np.ndarray, ref: Ref
     row = {"testbed": testbed.name, "method": method, "nfe": nfe}
     finite = np.isfinite(samples).all()
     row["flow_map_mse"] = metrics.flow_map_error(samples, ref.x0) if finite else float("nan")
-    row.update(testbed.distances(samples))
+    row.update(ref.distances(testbed, samples))
     row.update(extra)
     return row
 
@@ -110,6 +157,7 @@ def evaluate_samplers(
 __all__ = [
     "Reference",
     "Sampler",
+    "balanced_labels",
     "class_distances",
     "evaluate_samplers",
     "make_reference",

@@ -22,18 +22,35 @@ from fewstep_jax.solvers import default_grid
 from fewstep_jax.testbeds import Testbed
 
 
-@partial(jax.jit, static_argnames=("method", "euler_into_data"))
-def _solve(teacher, x, grid, method, euler_into_data):
-    return teacher.solve(x, grid, method, euler_into_data=euler_into_data)
+@partial(jax.jit, static_argnames=("method", "euler_into_data", "guidance"))
+def _solve(teacher, x, grid, method, euler_into_data, label=None, guidance=1.0):
+    # guidance is static: 1.0 means unguided (what an unconditional teacher accepts)
+    return teacher.solve(x, grid, method, label, guidance, euler_into_data=euler_into_data)
 
 
 def solve_batched(
-    teacher, x1: np.ndarray, grid: np.ndarray, method: str, batch_size: int, euler_into_data: bool = False
+    teacher,
+    x1: np.ndarray,
+    grid: np.ndarray,
+    method: str,
+    batch_size: int,
+    euler_into_data: bool = False,
+    label: np.ndarray | None = None,
+    guidance: float = 1.0,
 ) -> np.ndarray:
-    """A fixed-step solve of (N, ...) noise in batches (the teacher passed as a jit argument)."""
+    """A fixed-step solve of (N, ...) noise in batches (the teacher passed as a jit argument);
+    ``label`` (N,) and the Imagen CFG scale ``guidance`` condition a class-conditional teacher."""
     out = [
         np.asarray(
-            _solve(teacher, jnp.asarray(x1[i : i + batch_size]), jnp.asarray(grid), method, euler_into_data)
+            _solve(
+                teacher,
+                jnp.asarray(x1[i : i + batch_size]),
+                jnp.asarray(grid),
+                method,
+                euler_into_data,
+                None if label is None else jnp.asarray(label[i : i + batch_size], jnp.int32),
+                float(guidance),
+            )
         )
         for i in range(0, len(x1), batch_size)
     ]
@@ -41,9 +58,16 @@ def solve_batched(
 
 
 def solver_samplers(
-    teacher, methods, grid_kind: str, batch_size: int = 1000, euler_into_data: bool = False
+    teacher,
+    methods,
+    grid_kind: str,
+    batch_size: int = 1000,
+    euler_into_data: bool = False,
+    label: np.ndarray | None = None,
+    guidance: float = 1.0,
 ) -> dict:
-    """The teacher's fixed-step solvers as samplers: ``x1, nfe -> x0`` (None when nfe does not divide).
+    """The teacher's fixed-step solvers as samplers: ``x1, nfe -> x0`` (None when nfe does not divide),
+    conditioned on ``label`` (N,, aligned with ``x1``) at the CFG scale ``guidance`` when given.
 
     With ``euler_into_data`` (ideal-denoiser teachers) Heun / RK4's last step is Euler, so their
     true NFE is one (Heun) or three (RK4) below the nominal ``nfe`` they are listed at."""
@@ -54,7 +78,7 @@ def solver_samplers(
             if nfe % per:
                 return None
             grid = solvers.make_grid(grid_kind, nfe // per, teacher.path)
-            return solve_batched(teacher, x1, grid, method, batch_size, euler_into_data)
+            return solve_batched(teacher, x1, grid, method, batch_size, euler_into_data, label, guidance)
 
         return sampler
 

@@ -11,6 +11,13 @@ and must be treated as constant (the train step also wraps it in ``stop_gradient
 Terms are built by factories registered by name: ``@register("traflow_rec")`` on
 ``factory(cfg: ConfigDict, student: Student) -> term``; ``cfg`` is the term's config block
 (its ``weight`` is applied by the train step, the rest are the term's own hyper-parameters).
+
+Teacher cost: every term that calls the teacher reports ``teacher_nfe`` in its metrics (logged as
+``<term>/teacher_nfe``): the mean number of teacher network evaluations per training example in
+that step, counting the evaluations the term's code really makes (padded solver steps and the
+unconditional call of classifier-free guidance included; see :func:`teacher_evals_per_call`).
+Terms that never call the teacher report no such key; a method's teacher cost per example is the
+sum of its terms' ``teacher_nfe``.
 """
 
 from __future__ import annotations
@@ -62,6 +69,15 @@ LossFactory = Callable[..., LossTerm]
 _REGISTRY: dict[str, LossFactory] = {}
 
 
+def teacher_evals_per_call(guidance: Any) -> int:
+    """Network evaluations of one ``Teacher.predict`` call (velocity, x0_eps, a solver stage).
+
+    Mirrors :meth:`Teacher.predict`: a Python scalar guidance of exactly 1 costs one evaluation;
+    any other guidance (a scale != 1, or an array, even of ones) adds the unconditional call.
+    """
+    return 1 if isinstance(guidance, (int, float)) and guidance == 1.0 else 2
+
+
 def register(name: str) -> Callable[[LossFactory], LossFactory]:
     """Registers a loss-term factory under ``name`` (a name may be registered once)."""
 
@@ -99,4 +115,12 @@ def _import_families() -> None:
                 raise
 
 
-__all__ = ["LossFactory", "LossInputs", "LossTerm", "get_factory", "register", "registered"]
+__all__ = [
+    "LossFactory",
+    "LossInputs",
+    "LossTerm",
+    "get_factory",
+    "register",
+    "registered",
+    "teacher_evals_per_call",
+]

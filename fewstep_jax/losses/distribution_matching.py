@@ -29,6 +29,17 @@ models need ``num_step_classes = len(num_steps)``). Time grids: :mod:`fewstep_ja
 What the engine provides: ``inputs.student`` (student wrapper), ``inputs.net("fake")`` (fake-score
 wrapper, a :class:`Student` whose ``x0_eps`` is used), ``inputs.others["fake"]`` for generator
 terms and ``inputs.others["student"]`` for fake terms; batch ``{"noise": (B, ...), "label": (B,)?}``.
+
+Teacher cost (metric ``teacher_nfe`` of ``tdm`` / ``dmd``): one teacher ``x0`` per example, two
+with ``guidance != 1`` (CFG baked into the target); the fake terms never call the teacher.
+
+Degenerate normaliser guard (``tdm`` / ``dmd``, METHODS.md pitfall 13): the per-sample gradient
+scale ``mean_D |x0_fake - x0_real| / (wf + eps)`` (the size of the normalised DM direction; O(1)
+when the normaliser is healthy) above ``max_grad_scale``, or a finite normaliser ``wf`` above
+``max_normalizer`` (the student's sample or the teacher's target has run away), makes the term's
+loss NaN and sets its flag ``nonfinite/normalizer``: the train loop stops naming
+``<term>/normalizer`` (or skips the step with ``train.skip_nonfinite``). Metrics
+``grad_scale_max`` and ``normalizer_max`` show how close a run is; None disables a check.
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from fewstep_jax.losses.api import LossInputs, register
+from fewstep_jax.losses.api import LossInputs, register, teacher_evals_per_call
 from fewstep_jax.losses.distances import elementwise
 from fewstep_jax.paths import Path, bcast, edm_sigma
 from fewstep_jax.students import Student
@@ -53,12 +64,18 @@ FAKE_WEIGHTINGS = ("karras", "snr_clip", "none")
 # keys of a term block that belong to the train step, not to the term
 ENGINE_KEYS = frozenset({"weight", "name", "net", "network", "every", "update_every"})
 
+# degenerate-normaliser limits of the generator terms (module doc); None disables a check. Full
+# gmm8 runs (tdm, tdm_k1, tdm_unify, dmd, dmd2: 2000 steps x 256) peak at grad_scale_max 620
+# (p99 of the per-step max ~100) and normalizer_max 3.6: the defaults leave a 16x margin
+NORMALIZER_GUARD = {"max_grad_scale": 1e4, "max_normalizer": 1e4}
+
 TDM_DEFAULTS = {
     **TDM_SCHEDULE_DEFAULTS,
     "guidance": 1.0,  # Imagen CFG scale baked into the target (demo --cfg 4.5)
     "distance": "pseudo_huber",  # --use_huber; or "l2"
     "huber_c": 1e-3,  # elementwise pseudo-Huber constant of the demo
     "normalizer_eps": 1e-6,
+    **NORMALIZER_GUARD,
     "condition_on_steps": "auto",  # feed num_steps=k_index to student and fake; auto: len(num_steps) > 1
     "fake": "fake",  # name of the fake-score network
 }
@@ -77,6 +94,7 @@ DMD_DEFAULTS = {
     "t_max": 0.98,
     "guidance": 1.0,
     "normalizer_eps": 1e-6,
+    **NORMALIZER_GUARD,
     "reg_weight": 0.0,  # DMD v1 regression on teacher pairs batch["x"] (0.25 with LPIPS in the paper)
     "fake": "fake",
 }
@@ -157,6 +175,8 @@ def tdm_surrogate(
     distance: str = "pseudo_huber",
     huber_c: float = 1e-3,
     eps: float = 1e-6,
+    max_grad_scale: float | None = None,
+    max_normalizer: float | None = None,
 ) -> tuple[Array, dict]:
     """TDM's generator surrogate; gradient reaches ``x0_hat`` only (fake/real are constants).
 
@@ -164,6 +184,7 @@ def tdm_surrogate(
     entries set to 0), ``L = mean_{b,D}(d(r) / wf_b)`` with ``d = r^2`` or
     ``sqrt(r^2 + c^2) - c``. Hence ``dL/dx0_hat = d'(r) / (wf_b * B * D)``: the (normalised)
     distribution-matching direction ``x0_fake - x0_real`` (METHODS.md 4.3, step 5).
+    ``max_grad_scale`` / ``max_normalizer``: see :func:`guard_normalizer` (None: no check).
     """
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
@@ -173,21 +194,65 @@ def tdm_surrogate(
     r = x0_hat - sg(x0_hat - direction)
     per = elementwise(r, distance, huber_c)
     loss = jnp.mean(per * bcast(inv, per))
-    return loss, _dm_metrics(direction, wf, finite, x0_fake - x0_real)
+    m = _dm_metrics(direction, wf, finite, x0_fake - x0_real)
+    return guard_normalizer(loss, m, direction, inv, wf, finite, max_grad_scale, max_normalizer)
 
 
-def dmd_surrogate(x: Array, x0_fake: Array, x0_real: Array, eps: float = 1e-6) -> tuple[Array, dict]:
+def dmd_surrogate(
+    x: Array,
+    x0_fake: Array,
+    x0_real: Array,
+    eps: float = 1e-6,
+    max_grad_scale: float | None = None,
+    max_normalizer: float | None = None,
+) -> tuple[Array, dict]:
     """DMD2's generator surrogate ``0.5 mean(|x - sg(x - grad)|^2)`` (dL/dx = grad / (B * D)).
 
     ``grad = (x0_fake - x0_real) / (mean_D |x - x0_real| + eps)``, non-finite entries set to 0
-    (DMD2's ``nan_to_num``).
+    (DMD2's ``nan_to_num``). ``max_grad_scale`` / ``max_normalizer``: see :func:`guard_normalizer`.
     """
     x0_fake, x0_real = sg(x0_fake), sg(x0_real)
     inv, wf, finite = _normalizer(x, x0_real, eps)
     direction = sg(_finite_or_zero(x0_fake - x0_real))
     grad = direction * bcast(inv, direction)
     r = x - sg(x - grad)
-    return 0.5 * jnp.mean(r * r), _dm_metrics(direction, wf, finite, x0_fake - x0_real)
+    m = _dm_metrics(direction, wf, finite, x0_fake - x0_real)
+    loss = 0.5 * jnp.mean(r * r)
+    return guard_normalizer(loss, m, direction, inv, wf, finite, max_grad_scale, max_normalizer)
+
+
+def guard_normalizer(
+    loss: Array,
+    metrics: dict,
+    direction: Array,
+    inv: Array,
+    wf: Array,
+    finite: Array,
+    max_grad_scale: float | None,
+    max_normalizer: float | None,
+) -> tuple[Array, dict]:
+    """NaN loss and ``metrics["nonfinite/normalizer"] = 1`` when a finite normaliser is degenerate.
+
+    Per sample (finite ones only; non-finite ones are the ``nonfinite/targets`` flag's): the
+    gradient scale ``mean_D |direction| * inv`` (``inv = 1 / (wf + eps)``) above
+    ``max_grad_scale`` (the normaliser collapsed to ~0 while the DM direction did not, or the
+    direction blew up), or ``wf`` above ``max_normalizer`` (exploded). The NaN has zero gradient
+    (``where``), so ``train.skip_nonfinite`` skips the step and otherwise the loop stops.
+    """
+    scale = _mean_dims(jnp.abs(direction)) * inv
+    bad = jnp.zeros(wf.shape, bool)
+    if max_grad_scale is not None:
+        bad = bad | (scale > float(max_grad_scale))
+    if max_normalizer is not None:
+        bad = bad | (jnp.where(finite, wf, 0.0) > float(max_normalizer))
+    bad = jnp.any(bad & finite)
+    metrics = {
+        **metrics,
+        "grad_scale_max": jnp.max(jnp.where(finite, scale, 0.0)),
+        "normalizer_max": jnp.max(jnp.where(finite, wf, 0.0)),
+        "nonfinite/normalizer": bad.astype(jnp.float32),
+    }
+    return jnp.where(bad, jnp.nan, loss), metrics
 
 
 def _dm_metrics(direction: Array, wf: Array, finite: Array, raw: Array) -> dict:
@@ -292,6 +357,8 @@ def tdm_loss(cfg, student: Student):
     sched = make_schedule(c, student.path)
     cond = _condition_on_steps(c, sched)
     guidance = float(c["guidance"])
+    nfe = float(teacher_evals_per_call(guidance))
+    guard = _guard(c)
 
     def term(params, inputs: LossInputs, batch: dict, rng: Array):
         stu = inputs.student or student
@@ -307,9 +374,10 @@ def tdm_loss(cfg, student: Student):
         x0_real = sg(teacher.x0_eps(x_tau, q["tau"], label, guidance)[0])
         x0_fake = sg(fake.x0_eps(fparams, x_tau, q["tau"], label=label, num_steps=q["num_steps"])[0])
         loss, m = tdm_surrogate(
-            q["x0_hat"], x0_fake, x0_real, c["distance"], c["huber_c"], c["normalizer_eps"]
+            q["x0_hat"], x0_fake, x0_real, c["distance"], c["huber_c"], c["normalizer_eps"], *guard
         )
         m.update(tau_mean=jnp.mean(q["tau"]), step_mean=jnp.mean(q["step"].astype(jnp.float32)))
+        m["teacher_nfe"] = nfe
         return loss, m
 
     return term
@@ -358,6 +426,8 @@ def dmd_loss(cfg, student: Student):
     c = resolve_config(cfg, DMD_DEFAULTS, "dmd")
     _check_range(c, "dmd")
     guidance = float(c["guidance"])
+    nfe = float(teacher_evals_per_call(guidance))
+    guard = _guard(c)
 
     def term(params, inputs: LossInputs, batch: dict, rng: Array):
         stu = inputs.student or student
@@ -369,7 +439,8 @@ def dmd_loss(cfg, student: Student):
         x_t, t = _noisy(stu.path, sg(x), rng, c["t_min"], c["t_max"])
         x0_real = sg(teacher.x0_eps(x_t, t, label, guidance)[0])
         x0_fake = sg(fake.x0_eps(fparams, x_t, t, label=label)[0])
-        loss, m = dmd_surrogate(x, x0_fake, x0_real, c["normalizer_eps"])
+        loss, m = dmd_surrogate(x, x0_fake, x0_real, c["normalizer_eps"], *guard)
+        m["teacher_nfe"] = nfe
         if c["reg_weight"] > 0:
             if "x" not in batch:
                 raise ValueError("dmd with reg_weight > 0 needs teacher pairs: batch['x'] for batch['noise']")
@@ -428,6 +499,17 @@ def _noisy(path: Path, x: Array, rng: Array, t_min: float, t_max: float) -> tupl
     return path.interpolate(x, jax.random.normal(r_n, x.shape, x.dtype), t), t
 
 
+def _guard(c: dict) -> tuple[float | None, float | None]:
+    """``(max_grad_scale, max_normalizer)`` of a generator term's config (None: no check)."""
+    out = []
+    for key in ("max_grad_scale", "max_normalizer"):
+        v = c[key]
+        if v is not None and not float(v) > 0:
+            raise ValueError(f"{key} must be > 0 or None (no check), got {v!r}")
+        out.append(None if v is None else float(v))
+    return out[0], out[1]
+
+
 def _check_range(c: dict, term: str) -> None:
     if not 0.0 <= c["t_min"] < c["t_max"] <= 1.0:
         raise ValueError(f"{term}: need 0 <= t_min < t_max <= 1, got t_min={c['t_min']}, t_max={c['t_max']}")
@@ -436,11 +518,13 @@ def _check_range(c: dict, term: str) -> None:
 __all__ = [
     "DMD_DEFAULTS",
     "DMD_FAKE_DEFAULTS",
+    "NORMALIZER_GUARD",
     "TDM_DEFAULTS",
     "TDM_FAKE_DEFAULTS",
     "backward_simulate",
     "diffuse",
     "dmd_surrogate",
+    "guard_normalizer",
     "importance_log_weight",
     "resolve_config",
     "tdm_sample",

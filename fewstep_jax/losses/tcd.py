@@ -16,6 +16,9 @@ Guidance is LCM's form ``x_c + w (x_c - x_u)``, ``w ~ U[w_min, w_max]``, i.e. th
 Imagen scale ``1 + w`` (METHODS pitfall 19); with ``guidance_embed`` the student receives ``w``
 as its guidance input. The target is the EMA ``inputs.ema["target"]`` (``target="ema"``) or the
 online params under stop-gradient (``target="online"``, LCM-LoRA style).
+
+Teacher cost (metric ``teacher_nfe``): one DDIM step, i.e. one teacher evaluation per example,
+two when guided (``w_max > 0``: the conditional and the unconditional call).
 """
 
 from __future__ import annotations
@@ -135,6 +138,12 @@ def _teacher_jump(inputs: LossInputs, student: Student, x_hi, t_hi, t_lo, label,
     return jax.lax.stop_gradient(student.path.interpolate(x0, eps, t_lo))
 
 
+def _jump_nfe(guided: bool) -> float:
+    """Teacher evaluations per example of :func:`_teacher_jump`: guided, its guidance ``1 + w`` is
+    a per-sample array (two calls); unguided, the scalar 1.0 (one call)."""
+    return 2.0 if guided else 1.0
+
+
 def _sample_common(o: dict, student: Student, batch: dict, rng: Array):
     if "x" not in batch:
         raise ValueError("TCD / LCM distillation needs real data batch['x']")
@@ -179,6 +188,7 @@ def tcd_term(cfg: ml_collections.ConfigDict, student: Student):
         )
     order, r = int(o["tcf_order"]), float(o["tcf2_r"])
     guided = o["w_max"] > 0
+    nfe = _jump_nfe(guided)
 
     def term(params, inputs: LossInputs, batch: dict, rng: Array):
         target = _target_params(o, params, inputs)
@@ -187,7 +197,12 @@ def tcd_term(cfg: ml_collections.ConfigDict, student: Student):
         pred = tcf(student, params, x_hi, t_hi, t_m, order, r, **kw)
         tgt = jax.lax.stop_gradient(tcf(student, target, x_lo, t_lo, t_m, order, r, **kw))
         loss = distance(pred, tgt, o["distance"], o["huber_c"])
-        return loss, {"tcd_distance": loss, "tcd_t_hi": jnp.mean(t_hi), "tcd_t_m": jnp.mean(t_m)}
+        return loss, {
+            "tcd_distance": loss,
+            "tcd_t_hi": jnp.mean(t_hi),
+            "tcd_t_m": jnp.mean(t_m),
+            "teacher_nfe": nfe,
+        }
 
     return term
 
@@ -204,6 +219,7 @@ def lcm_term(cfg: ml_collections.ConfigDict, student: Student):
     """LCM loss ``d(c_skip x_hi + c_out x0_theta(x_hi), sg(c_skip x_lo + c_out x0_target(x_lo)))``."""
     o = _read(cfg, LCM_DEFAULTS, "lcm")
     guided = o["w_max"] > 0
+    nfe = _jump_nfe(guided)
     scal = lambda t: lcm_scalings(student.path, t, o["timestep_scaling"], o["num_train_timesteps"])
 
     def consistency(p, x, t, kw):
@@ -218,7 +234,7 @@ def lcm_term(cfg: ml_collections.ConfigDict, student: Student):
         pred = consistency(params, x_hi, t_hi, kw)
         tgt = jax.lax.stop_gradient(consistency(target, x_lo, t_lo, kw))
         loss = distance(pred, tgt, o["distance"], o["huber_c"])
-        return loss, {"lcm_distance": loss, "lcm_t_hi": jnp.mean(t_hi)}
+        return loss, {"lcm_distance": loss, "lcm_t_hi": jnp.mean(t_hi), "teacher_nfe": nfe}
 
     return term
 

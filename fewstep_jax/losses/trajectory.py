@@ -22,6 +22,12 @@ average velocity over [s, t] of an Euler-form student: ``G(x, t, s) = x + (s - t
 Data: ``x0 = batch["x"]``; the noise is ``batch["noise"] / path.prior_scale`` when the batch has
 one (teacher pairs of :mod:`fewstep_jax.reflow`), else fresh standard normal noise. A ``label``
 in the batch conditions both networks.
+
+Teacher cost (metric ``teacher_nfe``, see ``losses/api.py``): a term with a teacher jump pays
+``max_jump * substeps`` solver steps per example whatever its ``k`` (the padded steps are real
+evaluations), x2 for Heun, plus one velocity for ``vel_variant`` A, all x2 with guidance != 1;
+the TraFlow core's parts share its one solve, counted once in that term. ``unpadded_nfe`` is
+what a solve of each sample's own ``k * substeps`` steps would cost (the useful part).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fewstep_jax import solvers
-from fewstep_jax.losses.api import LossInputs, register
+from fewstep_jax.losses.api import LossInputs, register, teacher_evals_per_call
 from fewstep_jax.losses.distances import distance
 from fewstep_jax.paths import Path, bcast
 from fewstep_jax.students import Student
@@ -292,6 +298,11 @@ def _traflow_core(opts: dict, student: Student, name: str):
     need_s = lam["con"] or lam["straight"] or (lam["vel"] and not variant_b)
     need_xr = lam["rec"] or lam["con"] or (lam["vel"] and variant_b)
     d = lambda a, b: distance(a, b, opts["distance"], opts["huber_c"])
+    per_call = teacher_evals_per_call(opts["guidance"])
+    nfe_step = solvers.NFE_PER_STEP[opts["solver"]]
+    # teacher evaluations per example besides the jump: variant A's velocity target
+    nfe_vel = per_call if lam["vel"] and not variant_b else 0
+    nfe_jump = per_call * nfe_step * K * int(opts["substeps"]) if need_xr else 0
 
     def term(params, inputs: LossInputs, batch, rng):
         teacher = _need_teacher(inputs, name)
@@ -338,6 +349,10 @@ def _traflow_core(opts: dict, student: Student, name: str):
         total = sum(lam[p] * v for p, v in parts.items())
         metrics = {f"{name}/{p}": v for p, v in parts.items()}
         metrics[f"{name}/jump"] = _mean(ts.k)
+        if nfe_jump or nfe_vel:
+            metrics["teacher_nfe"] = float(nfe_jump + nfe_vel)
+            if need_xr:
+                metrics["unpadded_nfe"] = per_call * nfe_step * int(opts["substeps"]) * _mean(ts.k) + nfe_vel
         return total, metrics
 
     return term
@@ -393,6 +408,7 @@ def cd(cfg, student: Student):
         "target": "online",
     }
     opts = _options(cfg, defaults, "cd")
+    nfe = teacher_evals_per_call(opts["guidance"]) * solvers.nfe_of(opts["solver"], int(opts["substeps"]))
     path = student.path
     grid = jnp.asarray(time_grid(opts["grid"], opts["num_grid"], path))
     d = lambda a, b: distance(a, b, opts["distance"], opts["huber_c"])
@@ -411,7 +427,7 @@ def cd(cfg, student: Student):
         tp = _target_params(inputs, params, opts["target"], "cd")
         tgt = sg(student(tp, x_r, ts.r, zero, label=label, rng=k_drop, train=True))
         loss = _mean(d(est, tgt))
-        return loss, {"cd/loss": loss}
+        return loss, {"cd/loss": loss, "teacher_nfe": float(nfe)}
 
     return term
 
@@ -604,7 +620,10 @@ def meanflow(cfg, student: Student):
         if opts["adaptive_p"]:
             err = err * sg(1.0 / (err + opts["adaptive_c"]) ** opts["adaptive_p"])
         loss = _mean(err)
-        return loss, {"meanflow/loss": loss}
+        metrics = {"meanflow/loss": loss}
+        if opts["velocity"] == "teacher":
+            metrics["teacher_nfe"] = float(teacher_evals_per_call(opts["guidance"]))
+        return loss, metrics
 
     return term
 

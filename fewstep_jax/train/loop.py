@@ -6,6 +6,11 @@ periodic async checkpoints, metric writers and progress, periodic evaluation, an
 report (``loss_curve.png`` + ``report.md``) in the workdir. Modes (``main.MODES``):
 ``train_teacher(config, workdir)`` trains a teacher network on a testbed's data;
 ``distill(config, workdir)`` trains a student with the config's loss terms (generic).
+
+Testbeds: an exact testbed (``gmm8``, ..., ``mnist``: analytic teacher, evaluations against its
+exact flow map) or a real dataset ``tfds:<name>`` (:mod:`fewstep_jax.data_testbed`: no analytic
+teacher, evaluations draw samples and give FID when ``eval.fid_inception`` / ``fid_reference``
+are set; distilling needs a network teacher, ``teacher.workdir``).
 """
 
 from __future__ import annotations
@@ -147,6 +152,13 @@ def train(
                         f"non-finite loss or gradient at step {i} (0-based; batch {i}) in loss term(s) "
                         f"{bad}; not saved. Last good checkpoint: "
                         f"{(workdir_p / 'checkpoints' / str(last[-1])) if last else 'none'}"
+                        + (
+                            ". '<term>/normalizer': the term's per-sample normaliser mean_D|x - x0_real| "
+                            "collapsed or exploded (metrics <term>/grad_scale_max, <term>/normalizer_max; "
+                            "config max_grad_scale, max_normalizer)"
+                            if any(b.endswith("/normalizer") for b in bad)
+                            else ""
+                        )
                     )
             ckpt.save(done, state, {"next_step": done})
             if done % int(tc.log_every) == 0 or done == num_steps:
@@ -210,9 +222,19 @@ def write_report(workdir: FilePath, evals: dict[str, float]) -> None:
 
 
 def make_testbed_from_config(config: ml_collections.ConfigDict):
-    from fewstep_jax.testbeds import make_testbed
+    """The testbed of ``config.testbed``: an exact :class:`~fewstep_jax.testbeds.Testbed` or a
+    :class:`~fewstep_jax.data_testbed.DatasetTestbed` for ``tfds:<name>``."""
+    from fewstep_jax.data_testbed import is_dataset_name, make_dataset_testbed
+    from fewstep_jax.testbeds import TESTBEDS, make_testbed
 
     tb = config.testbed
+    if is_dataset_name(tb.name):
+        return make_dataset_testbed(config)
+    if tb.name not in TESTBEDS:
+        raise ValueError(
+            f"unknown testbed.name={tb.name!r}; expected an exact testbed {TESTBEDS} or a TFDS image "
+            "dataset 'tfds:<name>' (e.g. 'tfds:cifar10', with testbed.data_dir and testbed.split)"
+        )
     return make_testbed(
         tb.name,
         tb.path,
@@ -228,6 +250,8 @@ def teacher_data_source(config: ml_collections.ConfigDict, testbed) -> BatchSour
     conditional = int(config.model.get("num_classes", 0)) > 0
     keys = ("x", "label") if conditional else ("x",)
     args = (int(config.train.batch_size), int(config.seed), jax.process_index(), jax.process_count())
+    if testbed.teacher is None:  # a real dataset
+        return testbed.source(conditional, *args)
     if testbed.is_image:
         tb = config.testbed
         data = load_dataset(tb.name, path=(tb.mnist_path or None) if tb.name == "mnist" else None)
@@ -262,27 +286,80 @@ def teacher_network(config: ml_collections.ConfigDict, data_shape: tuple[int, ..
     return Net(student, init)
 
 
-def teacher_eval_fn(config: ml_collections.ConfigDict, testbed) -> EvalFn:
-    """Sample distances of the trained teacher (eval EMA) at a few NFEs of a few solvers, next
-    to the analytic teacher's at the same NFE and noise (keys ``<solver>_nfe<n>/<dist>`` and
-    ``analytic/<solver>_nfe<n>/<dist>``), and the flow-map MSE between the two."""
+def _eval_cases(config: ml_collections.ConfigDict, path) -> list[tuple[str, int, np.ndarray]]:
+    """(solver, nfe, grid) of the training-time evaluation: ``eval.train_solvers`` x ``train_nfes``."""
     from fewstep_jax.config_utils import as_tuple
-    from fewstep_jax.evaluation import metrics
-    from fewstep_jax.evaluation.teacher_solvers import solve_batched
     from fewstep_jax.solvers import default_grid
-    from fewstep_jax.teachers.neural import neural_teacher
 
     ec = config.eval
-    analytic = testbed.teacher
-    n = int(ec.train_num_samples)
-    x1 = np.asarray(analytic.prior(jax.random.PRNGKey(int(config.seed) + 7), n))
-    grid_kind = default_grid(analytic.path.name) if ec.grid == "auto" else ec.grid
+    grid_kind = default_grid(path.name) if ec.grid == "auto" else ec.grid
     cases = []
     for method in as_tuple(ec.train_solvers):
         for nfe in as_tuple(ec.train_nfes, int):
             steps = nfe // solvers.nfe_of(method, 1)
             if steps >= 1 and solvers.nfe_of(method, steps) == nfe:
-                cases.append((method, nfe, solvers.make_grid(grid_kind, steps, analytic.path)))
+                cases.append((method, nfe, solvers.make_grid(grid_kind, steps, path)))
+    return cases
+
+
+def _trained_teacher(config: ml_collections.ConfigDict, state: TrainState, path, data_shape):
+    """The network being trained by train_teacher (its eval EMA) as a Teacher."""
+    from fewstep_jax.teachers.neural import neural_teacher
+
+    params = jax.tree.map(jnp.asarray, host_tree(state.ema["eval"]))
+    nc = int(config.model.get("num_classes", 0))
+    pred = config.teacher.prediction
+    return neural_teacher(config.model, params, path, pred, data_shape, nc, name="trained")
+
+
+def dataset_eval_fn(config: ml_collections.ConfigDict, testbed) -> EvalFn:
+    """Training-time evaluation on a dataset testbed (no analytic teacher): the trained teacher's
+    samples at ``eval.train_nfes`` with ``eval.train_solvers`` from ``eval.train_num_samples``
+    fixed noise (balanced labels for a class-conditional model, no guidance); the testbed's
+    distances (``<solver>_nfe<n>/fid`` when FID is configured), the fraction of non-finite samples
+    and the first 16 samples as TensorBoard image grids (``images/<solver>_nfe<n>``)."""
+    from fewstep_jax.evaluation.scoring import balanced_labels
+    from fewstep_jax.evaluation.teacher_solvers import solve_batched
+
+    ec = config.eval
+    shape = testbed.data_shape
+    n, bs = int(ec.train_num_samples), int(ec.batch_size)
+    cases = _eval_cases(config, testbed.path)
+    key = jax.random.PRNGKey(int(config.seed) + 7)
+    x1 = np.asarray(testbed.path.prior_scale * jax.random.normal(key, (n, *shape), jnp.float32))
+    nc = int(config.model.get("num_classes", 0))
+    label = balanced_labels(n, nc) if nc else None
+
+    def evaluate(state: TrainState, step: int) -> dict[str, float]:
+        teacher = _trained_teacher(config, state, testbed.path, shape)
+        out = {}
+        for method, nfe, grid in cases:
+            x0 = solve_batched(teacher, x1, grid, method, bs, testbed.singular_at_data, label=label)
+            for k, v in testbed.distances(x0).items():
+                out[f"{method}_nfe{nfe}/{k}"] = v
+            bad = ~np.isfinite(x0.reshape(len(x0), -1)).all(axis=1)
+            out[f"{method}_nfe{nfe}/nonfinite_fraction"] = float(bad.mean())
+            out[f"images/{method}_nfe{nfe}"] = x0[:16]
+        return out
+
+    return evaluate
+
+
+def teacher_eval_fn(config: ml_collections.ConfigDict, testbed) -> EvalFn:
+    """Sample distances of the trained teacher (eval EMA) at a few NFEs of a few solvers, next
+    to the analytic teacher's at the same NFE and noise (keys ``<solver>_nfe<n>/<dist>`` and
+    ``analytic/<solver>_nfe<n>/<dist>``), and the flow-map MSE between the two. A dataset
+    testbed has no analytic teacher: :func:`dataset_eval_fn`."""
+    from fewstep_jax.evaluation import metrics
+    from fewstep_jax.evaluation.teacher_solvers import solve_batched
+
+    if testbed.teacher is None:
+        return dataset_eval_fn(config, testbed)
+    ec = config.eval
+    analytic = testbed.teacher
+    n = int(ec.train_num_samples)
+    x1 = np.asarray(analytic.prior(jax.random.PRNGKey(int(config.seed) + 7), n))
+    cases = _eval_cases(config, analytic.path)
     bs = int(ec.batch_size)
     reference: dict[str, float] = {}
     ref_samples: dict[str, np.ndarray] = {}
@@ -293,17 +370,7 @@ def teacher_eval_fn(config: ml_collections.ConfigDict, testbed) -> EvalFn:
             reference[f"analytic/{method}_nfe{nfe}/{k}"] = v
 
     def evaluate(state: TrainState, step: int) -> dict[str, float]:
-        params = jax.tree.map(jnp.asarray, host_tree(state.ema["eval"]))
-        nc = int(config.model.get("num_classes", 0))
-        teacher = neural_teacher(
-            config.model,
-            params,
-            analytic.path,
-            config.teacher.prediction,
-            analytic.data_shape,
-            nc,
-            name="trained",
-        )
+        teacher = _trained_teacher(config, state, analytic.path, analytic.data_shape)
         out = dict(reference)
         for method, nfe, grid in cases:
             x0 = solve_batched(teacher, x1, grid, method, bs)
@@ -327,7 +394,12 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str) -> TrainState
         raise ValueError("train_teacher needs config.losses (e.g. flow_matching or diffusion)")
     t0 = time.time()
     testbed = make_testbed_from_config(config)
-    net = teacher_network(config, testbed.teacher.data_shape)
+    if testbed.teacher is None:  # a real dataset: the network must fit its images and labels
+        testbed.check_model(config.model)
+        data_shape = testbed.data_shape
+    else:
+        data_shape = testbed.teacher.data_shape
+    net = teacher_network(config, data_shape)
     state = train(
         config,
         workdir,
@@ -441,7 +513,18 @@ def distill(config: ml_collections.ConfigDict, workdir: str, evaluate: bool = Tr
         raise ValueError("distill needs config.losses (the method's loss terms)")
     testbed = make_testbed_from_config(config)
     wd = config.teacher.workdir
+    if not wd and testbed.teacher is None:
+        raise ValueError(
+            f"testbed {testbed.name!r} is a real dataset with no analytic teacher: set "
+            "config.teacher.workdir to a train_teacher run on it"
+        )
     teacher = load_teacher_from_workdir(wd) if wd else testbed.teacher
+    data_needed = testbed.teacher is None and config.student.data == "data"
+    if data_needed and tuple(teacher.data_shape) != testbed.data_shape:
+        raise ValueError(
+            f"teacher {wd!r} makes images {teacher.data_shape}; dataset {testbed.name!r} has "
+            f"{testbed.data_shape}"
+        )
     if config.student.data == "noise":
         nc = int(config.model.get("num_classes", 0)) or None
         source = NoiseSource(
@@ -467,10 +550,14 @@ def distill(config: ml_collections.ConfigDict, workdir: str, evaluate: bool = Tr
     t0 = time.time()
     state = train(config, workdir, student_factory=lambda c: (main, aux), teacher=teacher, data_source=source)
     out = Distilled(state, main.student, teacher, testbed, time.time() - t0)
-    if evaluate and jax.process_index() == 0 and not wd:  # exact testbed: score the student against Phi
+    # an exact testbed with its analytic teacher: score the student against Phi; a real dataset:
+    # samples (and FID) of the student and of the network teacher's solvers
+    if evaluate and jax.process_index() == 0 and (testbed.teacher is None or not wd):
         from fewstep_jax.evaluation.distill_eval import distill_report
 
-        distill_report(config, workdir, main.student, out.params(), testbed, out.train_seconds)
+        distill_report(
+            config, workdir, main.student, out.params(), testbed, out.train_seconds, teacher=teacher
+        )
     return out
 
 
@@ -478,8 +565,10 @@ __all__ = [
     "Distilled",
     "Net",
     "NonFiniteError",
+    "dataset_eval_fn",
     "distill",
     "host_tree",
+    "make_testbed_from_config",
     "teacher_data_source",
     "teacher_eval_fn",
     "teacher_network",

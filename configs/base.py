@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     # exact testbeds (analytic teacher): gmm8 | checker | gmm_hd | digits | mnist; or a real dataset
     # "tfds:<name>" (e.g. tfds:cifar10, tfds:imagenet_resized/64x64; no analytic teacher, FID)
     c.testbed.name = "gmm8"
-    c.testbed.path = "rf"  # rf | vp_cosine | vp_linear | ddpm | ve
+    c.testbed.path = "rf"  # rf | vp_cosine | vp_linear | ddpm (scaled_linear) | ddpm_linear | ve
     c.testbed.num_reference = 10_000  # exact data samples the distances compare against
     c.testbed.mnist_path = ""  # .npz with x_train/y_train; empty: tensorflow-datasets 'mnist'
     c.testbed.subset = 5000  # MNIST images in the ideal-denoiser teacher

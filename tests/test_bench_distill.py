@@ -215,6 +215,23 @@ def test_guidance_scores_per_class_with_the_guided_teacher(tmp_path):
     assert "per class" in (tmp_path / "g.md").read_text()
 
 
+def test_pooled_scores_conditional_samples_against_the_whole_data(tmp_path):
+    argv = [*SMALL, "--recipes=traflow", "--set=model.num_classes=8", "--set=model.width=16", "--pooled"]
+    argv += ["--set=train.num_steps=0", f"--out={tmp_path / 'p.json'}", f"--workdir_root={tmp_path / 'r'}"]
+    argv += ["--nfes=1", "--teacher_solvers=euler"]
+    payload = bench.main(argv)
+    ref = payload["testbeds"]["gmm8"]["reference"]
+    assert not ref["per_class"] and ref["num_classes"] == 8 and payload["pooled"]
+    testbed = make_testbed("gmm8", "rf", num_reference=500)
+    labels = np.arange(N) % 8
+    x1 = np.asarray(testbed.teacher.prior(jax.random.PRNGKey(0), N))
+    grid = make_grid("uniform", 1, testbed.teacher.path)
+    y = solve_batched(testbed.teacher, x1, grid, "euler", 64, False, labels)
+    row = _rows(payload, "teacher euler")[1]
+    assert row["sw2"] == pytest.approx(testbed.distances(y)["sw2"], rel=1e-5)
+    assert row["sw2"] != pytest.approx(class_distances(testbed, y, labels)["sw2"], rel=1e-3)
+
+
 def test_guidance_needs_a_conditional_student(tmp_path):
     with pytest.raises(ValueError, match="num_classes"):
         bench.main([*SMALL, "--recipes=traflow", "--guidance=2", f"--out={tmp_path / 'x.json'}"])

@@ -263,10 +263,12 @@ def distill_cost(
 # ---------------------------------------------------------------------------------------------
 
 
-def testbed_reference(c, teacher_run: TeacherRun | None, guidance: float | None, conditional: bool):
+def testbed_reference(
+    c, teacher_run: TeacherRun | None, guidance: float | None, conditional: bool, pooled: bool = False
+):
     """The testbed (its teacher replaced by the trained one) and the shared reference: the teacher's
     adaptive solve of ``eval.num_samples`` noises, conditional (balanced labels, CFG ``guidance``)
-    when asked."""
+    when asked, scored per class unless ``pooled``."""
     from fewstep_jax.evaluation.scoring import balanced_labels, make_reference
     from fewstep_jax.train.loop import make_testbed_from_config
 
@@ -285,7 +287,7 @@ def testbed_reference(c, teacher_run: TeacherRun | None, guidance: float | None,
         label = balanced_labels(n, k)
     g = 1.0 if guidance is None else float(guidance)
     ref = make_reference(testbed, n, int(c.seed), int(c.eval.batch_size), label=label, guidance=g)
-    return testbed, ref
+    return testbed, dataclasses.replace(ref, per_class=not pooled)
 
 
 def teacher_rows(c, testbed, ref, methods, nfes, log=print) -> list[dict]:
@@ -323,6 +325,7 @@ def run(
     gammas=None,
     teacher_solvers=TEACHER_SOLVERS,
     command: str | None = None,
+    pooled: bool = False,
 ) -> dict:
     """Trains and scores every recipe on every testbed; writes ``out`` (JSON) and its ``.md``."""
     from fewstep_jax.evaluation.distill_eval import evaluate_distilled
@@ -353,12 +356,13 @@ def run(
                 f"--guidance / a class-conditional reference needs class-conditional students; "
                 f"{unconditional} have model.num_classes=0 (use a *_cfg recipe or --set model.num_classes=K)"
             )
-        testbed, ref = testbed_reference(first, teacher_run, guidance, conditional)
+        testbed, ref = testbed_reference(first, teacher_run, guidance, conditional, pooled)
         for c in configs.values():  # fail before training when a student cannot take the condition
             student_condition(c, ref)
         log(
             f"[{tb}] reference: {testbed.teacher.name} adaptive, {ref.nfe} NFE"
-            + (f", per class, CFG scale {ref.guidance:g}" if ref.label is not None else "")
+            + (f", CFG scale {ref.guidance:g}" if ref.label is not None else "")
+            + (", per class" if ref.label is not None and ref.per_class else "")
         )
         rows = reference_rows(testbed, ref, int(first.seed))
         all_nfes: set[int] = set()
@@ -383,7 +387,7 @@ def run(
                 "mse_vs_tighter": ref.mse_vs_tighter,
                 "seconds": round(ref.seconds, 1),
                 "guidance": ref.guidance,
-                "per_class": ref.label is not None,
+                "per_class": ref.label is not None and ref.per_class,
                 "num_classes": int(testbed.teacher.num_classes) if ref.label is not None else 0,
                 "path": testbed.teacher.path.name,
                 "num_samples": len(ref.x1),
@@ -398,6 +402,7 @@ def run(
         "nfes": list(nfes) if nfes else None,
         "gammas": list(gammas) if gammas else None,
         "guidance": guidance,
+        "pooled": pooled,
         "sets": dict(sets or {}),
         "teacher_workdir": teacher_run.workdir if teacher_run else None,
         "teacher": None
@@ -505,6 +510,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--nfes", default=None, help="student NFEs, e.g. 1,2,4,8 (default: the recipe's)")
     ap.add_argument("--gammas", default=None, help="student sampler gammas (default: the recipe's)")
     ap.add_argument("--teacher_solvers", default=",".join(TEACHER_SOLVERS))
+    ap.add_argument(
+        "--pooled",
+        action="store_true",
+        help="score conditional samples against the whole data (balanced labels), not per class: "
+        "for image testbeds, where a Frechet distance per class would rest on too few samples",
+    )
     a = ap.parse_args(argv)
     return run(
         as_tuple(a.testbeds),
@@ -519,6 +530,7 @@ def main(argv=None) -> dict:
         gammas=as_tuple(a.gammas, float) if a.gammas else None,
         teacher_solvers=as_tuple(a.teacher_solvers),
         command=_command(argv),
+        pooled=a.pooled,
     )
 
 

@@ -37,11 +37,13 @@ class Reference:
     seconds: float
     label: np.ndarray | None = None  # (N,) int32 class of each noise (conditional reference), or None
     guidance: float = 1.0  # Imagen CFG scale of the reference solve
+    per_class: bool = True  # conditional reference: distances per class (False: pooled over classes)
 
     def distances(self, testbed: Testbed, x: np.ndarray) -> dict[str, float]:
         """The testbed's distances of samples ``x`` (N, ...) made from ``x1``: per class (averaged
-        over the classes) for a conditional reference, else to the whole data distribution."""
-        if self.label is None:
+        over the classes) for a conditional reference with ``per_class``, else to the whole data
+        distribution (pooled: the balanced labels make the samples a draw of the whole data)."""
+        if self.label is None or not self.per_class:
             return testbed.distances(x)
         return class_distances(testbed, x, self.label)
 
@@ -94,7 +96,7 @@ def reference_rows(testbed: Testbed, ref: Reference, seed: int = 0) -> list[dict
     if not testbed.is_image:
         fresh = testbed.sample_data(np.random.default_rng(seed + 1), len(ref.x1))
         row = {"testbed": testbed.name, "method": "data (same size)", "nfe": 0, "flow_map_mse": float("nan")}
-        if ref.label is None:
+        if ref.label is None or not ref.per_class:
             row.update(testbed.distances(fresh["x"]))
         else:  # per class, with the data's own labels
             row.update(class_distances(testbed, fresh["x"], np.asarray(fresh["label"])))

@@ -26,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.testbed.subset = 5000  # MNIST images in the ideal-denoiser teacher
     c.testbed.data_dir = ""  # tfds:<name> testbeds: the TFDS data_dir holding it; "" = TFDS's default
     c.testbed.split = "train"  # tfds:<name> testbeds: the split runs train on
+    # tfds:<name> testbeds: True = the split in host RAM as float32 unless it is stored as ArrayRecord
+    # and over 4 GiB (then read by index); False = read by index (ArrayRecord only: TFRecord has no
+    # random access and is always loaded whole). Same batches either way (fewstep_jax/data_testbed.py)
+    c.testbed.in_memory = True
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 2000

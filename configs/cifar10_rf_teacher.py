@@ -110,6 +110,7 @@ def student_base(teacher_file: str, teacher_workdir: str, get_teacher_config):
     c.testbed.path = t.testbed.path
     c.testbed.data_dir = t.testbed.data_dir
     c.testbed.split = t.testbed.split
+    c.testbed.in_memory = t.testbed.in_memory
     c.model = ml_collections.ConfigDict(t.model.to_dict())
     c.model.dropout = 0.0  # CD/CTM distil with dropout 0
     c.model.use_s = True

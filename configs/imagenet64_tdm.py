@@ -20,6 +20,7 @@ def get_config():
     c = student_base(
         "configs/imagenet64_teacher.py", "runs/imagenet64_teacher", imagenet64_teacher.get_config
     )
+    c.testbed.in_memory = False  # as the teacher: ImageNet-64 is read by index, not held in RAM
     c.train.num_steps = 20_000
     dm_student(c, "tdm", lr=4e-6, fake_lr=2e-5)
     c.losses.tdm.guidance = 1.5

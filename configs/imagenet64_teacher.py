@@ -5,8 +5,10 @@ python -m fewstep_jax.dryrun --config=configs/imagenet64_teacher.py
 
 Data: the dataset testbed ``tfds:imagenet_resized/64x64`` (prepared on disk; its TFDS data_dir
 in ``--config.testbed.data_dir``), labels 0..999, label dropout 0.1 for classifier-free guidance.
-The loader holds the whole split in every host's RAM as float32 (1.28M images: about 63 GB; see
-fewstep_jax/data/tfds_source.py). FID: ``--config.eval.fid_inception`` and ``fid_reference``.
+Prepare it as ArrayRecord (``download_and_prepare(file_format="array_record")``): with
+``testbed.in_memory = False`` each host reads only its rows of each batch by index instead of
+holding the split as float32 (1.28M images: about 63 GB; fewstep_jax/data/random_access.py). A
+TFRecord copy is still loaded whole. FID: ``--config.eval.fid_inception`` and ``fid_reference``.
 Network: UNet2D block_out_channels (192, 384, 576, 768), 3 layers per
 block, attention (64-channel heads) at 32, 16 and 8 px and in the mid block, 1000-class label
 embedding: 265.7M parameters (EDM's ADM ImageNet-64 has 296M). Recipe (EDM ImageNet-64 order):
@@ -37,6 +39,7 @@ def get_config():
     c.mode = "train_teacher"
     c.testbed.name = "tfds:imagenet_resized/64x64"
     c.testbed.path = "rf"
+    c.testbed.in_memory = False  # read by index (ArrayRecord): 63 GB of float32 per host otherwise
     c.model = adm64_unet(1000)
     c.teacher.prediction = "flow"
     c.losses.flow_matching = {

@@ -19,6 +19,7 @@ def get_config():
     c = student_base(
         "configs/imagenet64_teacher.py", "runs/imagenet64_teacher", imagenet64_teacher.get_config
     )
+    c.testbed.in_memory = False  # as the teacher: ImageNet-64 is read by index, not held in RAM
     apply_recipe(c, "traflow")
     c.losses.traflow.num_grid = 40
     c.losses.traflow.max_jump = 39

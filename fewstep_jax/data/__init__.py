@@ -7,17 +7,19 @@ from fewstep_jax.data.builtin import (
     load_mnist,
     uint8_to_unit,
 )
+from fewstep_jax.data.random_access import RandomAccess, RandomAccessSource, image_arrays, read_records
 from fewstep_jax.data.sources import (
     ArraySource,
     ArraySpec,
     Batch,
     BatchSource,
+    IndexedSource,
     NoiseSource,
     SamplerSource,
     local_batch_size,
     spec_of,
 )
-from fewstep_jax.data.tfds_source import load_tfds_arrays
+from fewstep_jax.data.tfds_source import TfdsImageInfo, load_tfds_arrays, tfds_data_source, tfds_image_info
 
 __all__ = [
     "KNOWN_DATASETS",
@@ -25,13 +27,21 @@ __all__ = [
     "ArraySpec",
     "Batch",
     "BatchSource",
+    "IndexedSource",
     "NoiseSource",
+    "RandomAccess",
+    "RandomAccessSource",
     "SamplerSource",
+    "TfdsImageInfo",
+    "image_arrays",
     "load_dataset",
     "load_digits",
     "load_mnist",
     "load_tfds_arrays",
     "local_batch_size",
+    "read_records",
     "spec_of",
+    "tfds_data_source",
+    "tfds_image_info",
     "uint8_to_unit",
 ]

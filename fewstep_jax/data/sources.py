@@ -88,26 +88,20 @@ class _Base:
         return slice(start, start + self._local)
 
 
-class ArraySource(_Base):
-    """In-memory dataset, reshuffled every epoch, epochs laid end to end.
+class IndexedSource(_Base):
+    """A dataset of N examples read by index, reshuffled every epoch, epochs laid end to end.
 
-    Example `i` of the infinite stream is `arrays[perm(i // N)[i % N]]` with `perm(e)` a
+    Example `i` of the infinite stream is dataset index `perm(i // N)[i % N]` with `perm(e)` a
     permutation drawn by `np.random.default_rng([seed, e])`; global batch `s` is stream positions
     `[s * G, (s + 1) * G)`, so a batch may straddle an epoch boundary. With `shuffle=False` every
-    epoch is the identity order (for evaluation passes).
-
-    Each process holds the whole dataset and gathers only its own rows: this keeps the global batch
-    independent of the process count; the limit is that the data must fit in every host's RAM.
-
-    Args:
-      arrays: name -> array with a shared leading dimension N (e.g. {"x": (N, H, W, C),
-        "label": (N,)}).
-      global_batch_size: G, divisible by `process_count`.
+    epoch is the identity order (for evaluation passes). `indices` is the one place this order is
+    computed: every subclass (in-memory arrays, random-access readers) draws the same examples for
+    the same (seed, step, process), and only `_read` differs.
     """
 
     def __init__(
         self,
-        arrays: Mapping[str, np.ndarray],
+        num_examples: int,
         global_batch_size: int,
         seed: int,
         process_index: int = 0,
@@ -116,22 +110,11 @@ class ArraySource(_Base):
         shuffle: bool = True,
     ) -> None:
         super().__init__(global_batch_size, seed, process_index, process_count)
-        if not arrays:
-            raise ValueError("ArraySource needs at least one array")
-        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        sizes = {k: (v.shape[0] if v.ndim else None) for k, v in self.arrays.items()}
-        n = next(iter(sizes.values()))
-        if n is None or any(s != n for s in sizes.values()):
-            raise ValueError(f"arrays must share a non-empty leading dimension, got sizes {sizes}")
-        if n == 0:
-            raise ValueError(f"ArraySource got an empty dataset (sizes {sizes})")
-        self.num_examples = int(n)
+        if num_examples < 1:
+            raise ValueError(f"{type(self).__name__} got an empty dataset (num_examples={num_examples})")
+        self.num_examples = int(num_examples)
         self.shuffle = shuffle
         self._perm_cache: dict[int, np.ndarray] = {}
-
-    @property
-    def element_spec(self) -> dict[str, ArraySpec]:
-        return spec_of(self.arrays)
 
     @property
     def steps_per_epoch(self) -> float:
@@ -162,8 +145,54 @@ class ArraySource(_Base):
             idx[sel] = self._permutation(int(epoch))[offsets[sel]]
         return idx
 
+    def _read(self, idx: np.ndarray) -> Batch:
+        """The examples at dataset indices `idx` (L,), in that order."""
+        raise NotImplementedError
+
     def batch(self, step: int) -> Batch:
-        idx = self.indices(step)
+        return self._read(self.indices(step))
+
+
+class ArraySource(IndexedSource):
+    """In-memory dataset in the epoch-shuffled order of :class:`IndexedSource`.
+
+    Each process holds the whole dataset and gathers only its own rows: this keeps the global batch
+    independent of the process count; the limit is that the data must fit in every host's RAM
+    (larger datasets: `fewstep_jax.data.random_access.RandomAccessSource`, same batches).
+
+    Args:
+      arrays: name -> array with a shared leading dimension N (e.g. {"x": (N, H, W, C),
+        "label": (N,)}).
+      global_batch_size: G, divisible by `process_count`.
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        global_batch_size: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        *,
+        shuffle: bool = True,
+    ) -> None:
+        if not arrays:
+            raise ValueError("ArraySource needs at least one array")
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        sizes = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
+        n = next(iter(sizes.values()))
+        if n is None or any(s != n for s in sizes.values()):
+            raise ValueError(f"arrays must share a non-empty leading dimension, got sizes {sizes}")
+        if n == 0:
+            raise ValueError(f"ArraySource got an empty dataset (sizes {sizes})")
+        super().__init__(n, global_batch_size, seed, process_index, process_count, shuffle=shuffle)
+        self.arrays = arrays
+
+    @property
+    def element_spec(self) -> dict[str, ArraySpec]:
+        return spec_of(self.arrays)
+
+    def _read(self, idx: np.ndarray) -> Batch:
         return {k: v[idx] for k, v in self.arrays.items()}
 
 

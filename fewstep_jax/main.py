@@ -95,7 +95,16 @@ def main(argv) -> None:
     # before anything touches a device (save_config asks for the process index)
     parallel.initialize_distributed()
     save_config(config, workdir)
-    logging.info("mode %s, workdir %s", config.mode, workdir)
+    import jax
+
+    logging.info(
+        "mode %s, workdir %s, %d %s device(s) over %d process(es)",
+        config.mode,
+        workdir,
+        jax.device_count(),
+        jax.devices()[0].platform,
+        jax.process_count(),
+    )
     run(config, workdir)
 
 

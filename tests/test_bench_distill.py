@@ -250,3 +250,17 @@ def test_student_condition_and_guided_solver_samplers():
     plain = solver_samplers(testbed.teacher, ("euler",), "uniform")["euler"](x1, 1)
     guided = solver_samplers(testbed.teacher, ("euler",), "uniform", 1000, False, lab, 3.0)["euler"](x1, 1)
     assert np.abs(plain - guided).max() > 1e-2
+
+
+def test_reference_tolerance_trades_nfe_for_error():
+    testbed = make_testbed("gmm8", "rf", num_reference=500)
+    loose = make_reference(testbed, N, 0, N, rtol=1e-3)
+    tight = make_reference(testbed, N, 0, N)
+    assert loose.nfe < tight.nfe
+    assert loose.mse_vs_tighter > tight.mse_vs_tighter
+    assert np.allclose(loose.x0, tight.x0, atol=0.05)
+
+
+def test_reference_rtol_flag_reaches_the_payload(analytic):
+    payload, _, _ = analytic
+    assert payload["reference_rtol"] == 1e-5

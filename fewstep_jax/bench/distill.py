@@ -264,7 +264,12 @@ def distill_cost(
 
 
 def testbed_reference(
-    c, teacher_run: TeacherRun | None, guidance: float | None, conditional: bool, pooled: bool = False
+    c,
+    teacher_run: TeacherRun | None,
+    guidance: float | None,
+    conditional: bool,
+    pooled: bool = False,
+    rtol: float = 1e-5,
 ):
     """The testbed (its teacher replaced by the trained one) and the shared reference: the teacher's
     adaptive solve of ``eval.num_samples`` noises, conditional (balanced labels, CFG ``guidance``)
@@ -286,7 +291,7 @@ def testbed_reference(
             )
         label = balanced_labels(n, k)
     g = 1.0 if guidance is None else float(guidance)
-    ref = make_reference(testbed, n, int(c.seed), int(c.eval.batch_size), label=label, guidance=g)
+    ref = make_reference(testbed, n, int(c.seed), int(c.eval.batch_size), label=label, guidance=g, rtol=rtol)
     return testbed, dataclasses.replace(ref, per_class=not pooled)
 
 
@@ -326,6 +331,7 @@ def run(
     teacher_solvers=TEACHER_SOLVERS,
     command: str | None = None,
     pooled: bool = False,
+    reference_rtol: float = 1e-5,
 ) -> dict:
     """Trains and scores every recipe on every testbed; writes ``out`` (JSON) and its ``.md``."""
     from fewstep_jax.evaluation.distill_eval import evaluate_distilled
@@ -356,7 +362,7 @@ def run(
                 f"--guidance / a class-conditional reference needs class-conditional students; "
                 f"{unconditional} have model.num_classes=0 (use a *_cfg recipe or --set model.num_classes=K)"
             )
-        testbed, ref = testbed_reference(first, teacher_run, guidance, conditional, pooled)
+        testbed, ref = testbed_reference(first, teacher_run, guidance, conditional, pooled, reference_rtol)
         for c in configs.values():  # fail before training when a student cannot take the condition
             student_condition(c, ref)
         log(
@@ -403,6 +409,7 @@ def run(
         "gammas": list(gammas) if gammas else None,
         "guidance": guidance,
         "pooled": pooled,
+        "reference_rtol": reference_rtol,
         "sets": dict(sets or {}),
         "teacher_workdir": teacher_run.workdir if teacher_run else None,
         "teacher": None
@@ -516,6 +523,13 @@ def main(argv=None) -> dict:
         help="score conditional samples against the whole data (balanced labels), not per class: "
         "for image testbeds, where a Frechet distance per class would rest on too few samples",
     )
+    ap.add_argument(
+        "--reference_rtol",
+        type=float,
+        default=1e-5,
+        help="tolerance of the adaptive reference solve (a neural image teacher needs hundreds of NFE "
+        "at 1e-5; its table says the reference's own error)",
+    )
     a = ap.parse_args(argv)
     return run(
         as_tuple(a.testbeds),
@@ -531,6 +545,7 @@ def main(argv=None) -> dict:
         teacher_solvers=as_tuple(a.teacher_solvers),
         command=_command(argv),
         pooled=a.pooled,
+        reference_rtol=a.reference_rtol,
     )
 
 

@@ -10,11 +10,10 @@ workdir skips the stages already done and resumes an interrupted one from its ch
 
 fewstep --config=configs/default.py --workdir=runs/default
 
-Measured (2000 steps per method, all three methods; jax 0.10.2 on 2 CPU cores): 220 s wall and
-198 s CPU time (user + sys) for the whole command, Python/JAX start-up and every compilation
-included, on a shared machine (load average ~10): teacher stages 15 + 24 s CPU, traflow 53 s,
-tcd 42 s, tdm 57 s. An earlier run at load ~15 took 646 s wall for the same 209 s of CPU; on an
-idle 2-core machine expect under 4 minutes, well inside the 10-minute budget.
+Measured (2000 steps per method, all three methods; jax 0.10.2 on an idle 2-core CPU machine,
+the batch split over 2 XLA:CPU devices by ``--cpu_devices`` auto): 171 s wall and 239 s CPU time
+for the whole command, Python/JAX start-up and every compilation included; well inside the
+10-minute budget.
 """
 
 import ml_collections

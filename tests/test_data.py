@@ -16,6 +16,7 @@ from fewstep_jax.data import (
     load_mnist,
     load_tfds_arrays,
 )
+from tests.tfds_local import build_image_dataset
 
 MNIST_PATH = "/work/shared/data/mnist.npz"
 
@@ -232,30 +233,10 @@ def _tiny_examples(split: str) -> list[tuple[np.ndarray, int]]:
 @pytest.fixture(scope="module", params=["tfrecord", "array_record"])
 def tiny_tfds_dir(request, tmp_path_factory):
     """A tiny image dataset prepared locally (no download), in the given on-disk format."""
-    tfds = pytest.importorskip("tensorflow_datasets")
-
-    # skip_registration: the loader must find it from data_dir alone, like a user's dataset.
-    class TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(shape=(8, 8, 1)),
-                    "label": tfds.features.ClassLabel(num_classes=3),
-                }),
-            )
-
-        def _split_generators(self, dl_manager):
-            return {s: self._generate_examples(s) for s in ("train", "test")}
-
-        def _generate_examples(self, split):
-            for i, (image, label) in enumerate(_tiny_examples(split)):
-                yield i, {"image": image, "label": label}
-
+    pytest.importorskip("tensorflow_datasets")
     data_dir = tmp_path_factory.mktemp(f"tfds_{request.param}")
-    TinyImages(data_dir=os.fspath(data_dir)).download_and_prepare(file_format=request.param)
+    splits = ("train", "test")
+    build_image_dataset(data_dir, "TinyImages", _tiny_examples, (8, 8, 1), 3, splits, request.param)
     return os.fspath(data_dir)
 
 

@@ -15,6 +15,7 @@ from fewstep_jax.data_testbed import DatasetTestbed
 from fewstep_jax.teachers.neural import latest_checkpoint
 from fewstep_jax.train import writers
 from fewstep_jax.train.loop import distill, make_testbed_from_config, train_teacher
+from tests.tfds_local import build_image_dataset
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -40,27 +41,9 @@ def _examples() -> list[tuple[np.ndarray, int]]:
 def data_dir(tmp_path_factory) -> str:
     """A tiny CIFAR-like dataset prepared locally (no download), like tests/test_data.py's."""
 
-    class TinyCifar(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(shape=(SIZE, SIZE, 3)),
-                    "label": tfds.features.ClassLabel(num_classes=N_CLASSES),
-                }),
-            )
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for i, (image, label) in enumerate(_examples()):
-                yield i, {"image": image, "label": label}
-
     d = tmp_path_factory.mktemp("tfds")
-    TinyCifar(data_dir=os.fspath(d)).download_and_prepare(file_format="array_record")
+    shape = (SIZE, SIZE, 3)
+    build_image_dataset(d, "TinyCifar", lambda _: _examples(), shape, N_CLASSES, ("train",), "array_record")
     return os.fspath(d)
 
 

@@ -21,6 +21,7 @@ from fewstep_jax.data import (
 from fewstep_jax.data_testbed import make_dataset_testbed
 from fewstep_jax.train import writers
 from fewstep_jax.train.loop import train_teacher
+from tests.tfds_local import build_image_dataset
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -72,25 +73,9 @@ class CountingContainer:
 
 
 def _build(data_dir: str, file_format: str) -> None:
-    class TinyAr(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(shape=(SIZE, SIZE, 3)),
-                    "label": tfds.features.ClassLabel(num_classes=N_CLASSES),
-                }),
-            )
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            yield from enumerate(_records())
-
-    TinyAr(data_dir=data_dir).download_and_prepare(file_format=file_format)
+    pairs = [(r["image"], r["label"]) for r in _records()]
+    shape = (SIZE, SIZE, 3)
+    build_image_dataset(data_dir, "TinyAr", lambda split: pairs, shape, N_CLASSES, ("train",), file_format)
 
 
 @pytest.fixture(scope="module")

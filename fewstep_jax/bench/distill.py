@@ -295,26 +295,6 @@ def testbed_reference(
     return testbed, dataclasses.replace(ref, per_class=not pooled)
 
 
-def teacher_rows(c, testbed, ref, methods, nfes, log=print) -> list[dict]:
-    """The teacher's fixed-step solvers at ``nfes`` on the reference's noise (and condition)."""
-    from fewstep_jax.evaluation.scoring import evaluate_samplers
-    from fewstep_jax.evaluation.teacher_solvers import solver_samplers
-    from fewstep_jax.solvers import default_grid
-
-    ec = c.eval
-    grid_kind = default_grid(testbed.teacher.path.name) if ec.grid == "auto" else ec.grid
-    samp = solver_samplers(
-        testbed.teacher,
-        methods,
-        grid_kind,
-        int(ec.batch_size),
-        testbed.singular_at_data,
-        ref.label,
-        ref.guidance,
-    )
-    return evaluate_samplers(testbed, {f"teacher {k}": v for k, v in samp.items()}, nfes, ref, log)
-
-
 def run(
     testbeds,
     recipes,
@@ -334,7 +314,7 @@ def run(
     reference_rtol: float = 1e-5,
 ) -> dict:
     """Trains and scores every recipe on every testbed; writes ``out`` (JSON) and its ``.md``."""
-    from fewstep_jax.evaluation.distill_eval import evaluate_distilled
+    from fewstep_jax.evaluation.distill_eval import evaluate_distilled, teacher_solver_rows
     from fewstep_jax.evaluation.scoring import reference_rows
     from fewstep_jax.evaluation.student_eval import student_condition
     from fewstep_jax.train.loop import distill
@@ -383,7 +363,7 @@ def run(
             name = c.method or "student"
             rows += [dict(r, **cost) for r in rs if r["method"].startswith(name)]
             all_nfes |= set(as_tuple(c.sampler.nfes, int))
-        rows += teacher_rows(first, testbed, ref, teacher_solvers, sorted(all_nfes), log)
+        rows += teacher_solver_rows(first, testbed, ref, teacher_solvers, sorted(all_nfes), log)
         results[tb] = {
             "rows": rows,
             "reference_nfe": ref.nfe,

@@ -75,22 +75,28 @@ def evaluate_distilled(
     ref = ref or make_reference(testbed, int(ec.num_samples), int(config.seed), int(ec.batch_size))
     rows = reference_rows(testbed, ref, int(config.seed))
     rows += evaluate_samplers(testbed, ss, nfes, ref, log, keep=keep, keep_nfes=nfes)
+    rows += teacher_solver_rows(config, testbed, ref, teacher_solvers, nfes, log, keep)
+    if keep is not None:
+        keep["teacher (converged)"] = {"exact": ref.x0}
+    return rows
+
+
+def teacher_solver_rows(config, testbed, ref: Reference, methods, nfes, log=print, keep=None) -> list[dict]:
+    """Rows of the teacher's fixed-step ``methods`` at ``nfes`` on the reference's noise and
+    condition (labels, CFG scale), on ``config.eval.grid``; samples go to ``keep`` when given."""
+    ec = config.eval
     grid_kind = default_grid(testbed.teacher.path.name) if ec.grid == "auto" else ec.grid
-    tsamp = solver_samplers(
+    samp = solver_samplers(
         testbed.teacher,
-        teacher_solvers,
+        methods,
         grid_kind,
         int(ec.batch_size),
         testbed.singular_at_data,
         ref.label,
         ref.guidance,
     )
-    rows += evaluate_samplers(
-        testbed, {f"teacher {k}": v for k, v in tsamp.items()}, nfes, ref, log, keep=keep, keep_nfes=nfes
-    )
-    if keep is not None:
-        keep["teacher (converged)"] = {"exact": ref.x0}
-    return rows
+    named = {f"teacher {k}": v for k, v in samp.items()}
+    return evaluate_samplers(testbed, named, nfes, ref, log, keep=keep, keep_nfes=nfes)
 
 
 def _dataset_rows(config, student, params, testbed, teacher, teacher_solvers, log, keep) -> list[dict]:

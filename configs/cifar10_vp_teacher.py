@@ -12,32 +12,18 @@ batch 128, EMA 0.9999, discrete timesteps. Data and FID: as configs/cifar10_rf_t
 Mesh: one 8-accelerator host, data parallel: mesh data=8, fsdp=1.
 """
 
-from configs import base
-from configs.cifar10_rf_teacher import add_dryrun, ddpmpp_unet
+from configs import cifar10_rf_teacher
 
 
 def get_config():
-    c = base.get_config()
-    c.mode = "train_teacher"
-    c.testbed.name = "tfds:cifar10"
+    # the RF teacher's data, network, optimizer, EMA, mesh and dry-run target; only the path,
+    # prediction, objective, dropout, length and evaluation grid differ
+    c = cifar10_rf_teacher.get_config()
     c.testbed.path = "ddpm_linear"
-    c.model = ddpmpp_unet(32)
     c.model.dropout = 0.1
     c.teacher.prediction = "eps"
+    del c.losses["flow_matching"]
     c.losses.diffusion = {"weight": 1.0, "t_sampling": "discrete"}
     c.train.num_steps = 800_000
-    c.train.batch_size = 128
-    c.train.log_every = 1000
-    c.train.checkpoint_every = 10_000
-    c.train.eval_every = 50_000
-    c.optim.name = "adam"
-    c.optim.lr = 2e-4
-    c.optim.schedule = "constant"
-    c.optim.warmup_steps = 5000
-    c.optim.grad_clip = 1.0
-    c.ema.decay = 0.9999
     c.eval.grid = "edm"
-    c.mesh.data = 8
-    c.mesh.fsdp = 1
-    add_dryrun(c, "a100_40gb", 8)
     return c

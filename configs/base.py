@@ -91,6 +91,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.ema = ml_collections.ConfigDict()
     c.ema.decay = 0.999  # the "eval" EMA
+    # EDM's ramp-up of the eval EMA: half-life <= rampup_ratio x updates so far (0 = fixed decay)
+    c.ema.rampup_ratio = 0.05
     c.ema.target_decay = -1.0  # the "target" EMA (consistency methods); < 0 = none
 
     # how a trained student samples (evaluation, reports, export): a chain of flow-map jumps on

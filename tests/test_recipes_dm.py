@@ -96,3 +96,29 @@ def test_nan_teacher_stops_naming_the_targets(tmp_path, recipe, term):
 def test_bad_term_names_of_aux_networks():
     flags = {"nonfinite/tdm": 1.0, "fake/nonfinite/tdm_fake": 1.0, "tdm/nonfinite/targets": 0.0}
     assert _bad_terms(flags) == ["tdm", "fake/tdm_fake"]
+
+
+def test_dmd_reg_is_dmd_plus_regression_on_teacher_pairs(tmp_path):
+    from fewstep_jax.losses.api import LossInputs
+    from fewstep_jax.train.loop import distill
+
+    c = _small("dmd_reg", steps=2, main_start=0)
+    assert c.student.data == "pairs" and c.losses.dmd.reg_weight == 0.25
+    tb = make_testbed("gmm8", "rf", num_reference=100)
+    main, aux = _distill_nets(c, tb.teacher, tb.teacher.data_shape)
+    state = create_state(c, main.init, {"fake": aux["fake"].init})
+    reg, plain = (build_terms(cc.losses, main.student, "l")[0] for cc in (c, _small("dmd", 2, 0)))
+    nets = (("fake", aux["fake"].student), ("student", main.student))
+    others = {"fake": state.aux["fake"]["params"]}
+    inputs = LossInputs(tb.teacher, main.student, state.ema, others, state.step, nets)
+    z, x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 2))
+    key = jax.random.PRNGKey(2)
+    l_reg, m = reg.fn(state.params, inputs, {"noise": z, "x": x}, key)
+    l_dm, _ = plain.fn(state.params, inputs, {"noise": z, "x": x}, key)
+    # the generator starts from the pair's own prior sample z
+    want = jnp.mean((main.student(state.params, z, 1.0, 0.0) - x) ** 2)
+    np.testing.assert_allclose(float(m["regression"]), float(want), rtol=1e-5)
+    np.testing.assert_allclose(float(l_reg), float(l_dm) + 0.25 * float(want), rtol=1e-5)
+    c.student.pairs.num, c.student.pairs.steps = 48, 4
+    d = distill(c, str(tmp_path), evaluate=False)
+    assert int(d.state.step) == 2 and (tmp_path / "pairs.npz").exists()

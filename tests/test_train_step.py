@@ -17,7 +17,7 @@ from fewstep_jax.students import Student, model_apply
 from fewstep_jax.teachers.neural import neural_teacher
 from fewstep_jax.train.loop import Net, NonFiniteError, train
 from fewstep_jax.train.state import create_state
-from fewstep_jax.train.step import make_step_fn, make_train_step, state_shardings
+from fewstep_jax.train.step import ema_decay_at, make_step_fn, make_train_step, state_shardings
 
 STEPS, B = 3, 32
 
@@ -160,7 +160,7 @@ def test_skip_nonfinite_skips_and_counts(tmp_path):
 
 def test_ema_after_one_step():
     c = _config()
-    c.ema.decay, c.ema.target_decay = 0.9, 0.5
+    c.ema.decay, c.ema.target_decay, c.ema.rampup_ratio = 0.9, 0.5, 0.0
     student, init = _net(c)
     state = create_state(c, init)
     old = state.params
@@ -171,6 +171,34 @@ def test_ema_after_one_step():
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), old, new_state.params))
     assert any(changed)
+
+
+def test_ema_rampup_closed_form():
+    # half-life in updates = min(log 0.5 / log decay, ratio * n)
+    d = 0.99
+    for n in (1, 10, 60):
+        want = 0.5 ** (1.0 / (0.05 * n))
+        np.testing.assert_allclose(float(ema_decay_at(d, 0.05, n)), want, rtol=1e-5)
+    np.testing.assert_allclose(float(ema_decay_at(d, 0.05, 10_000)), d, rtol=1e-6)
+    assert float(ema_decay_at(d, 0.0, 1)) == np.float32(d)
+    assert float(ema_decay_at(0.0, 0.05, 1)) == 0.0
+
+
+def test_ema_rampup_in_the_step():
+    """The eval EMA ramps up with the updates so far; the target EMA keeps its fixed decay."""
+    c = _config()
+    c.ema.decay, c.ema.target_decay, c.ema.rampup_ratio = 0.99, 0.5, 0.5
+    student, init = _net(c)
+    state = create_state(c, init)
+    step = jax.jit(make_step_fn(c, student))
+    for i in range(3):
+        old_eval, old_target = state.ema["eval"], state.ema["target"]
+        state, _ = step(state, None, _batch(i))
+        d = 0.5 ** (1.0 / (0.5 * (i + 1)))  # 0.25, 0.5, 0.63 < 0.99
+        for name, dd, old in (("eval", d, old_eval), ("target", 0.5, old_target)):
+            want = jax.tree.map(lambda o, n, dd=dd: dd * o + (1 - dd) * n, old, state.params)
+            for a, b in zip(jax.tree.leaves(state.ema[name]), jax.tree.leaves(want), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @api.register("test_aux_pull")

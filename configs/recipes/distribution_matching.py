@@ -18,11 +18,15 @@ step (METHODS.md 4.3 / 5.5):
   t = 1, .75, .5, .25 (K = 4), the student sampler's uniform grid (the demo's 900 starts at 0.9);
   no effect on continuous paths.
 * DMD / DMD2 are one-step generators (``sampler.nfes = (1,)``); DMD2 = DMD with TTUR
-  (generator every 5th step, ``train.main_every``). Neither has DMD's regression loss (it needs
-  teacher pairs) nor DMD2's GAN head (it needs real data): the pure distribution-matching part.
+  (generator every 5th step, ``train.main_every``): the pure distribution-matching part.
+  ``dmd_reg`` is DMD v1: plus the regression ``mean|G(z) - Phi_teacher(z)|^2`` on teacher pairs
+  generated once (``student.data = "pairs"``, as reflow), L2 where the paper has LPIPS. DMD2's
+  GAN head (it needs real data) is not built.
 """
 
 import ml_collections
+
+from configs.recipes.trajectory import teacher_pairs
 
 WARMUP_FRACTION = 0.1  # fake-only steps of an analytic-teacher run, fraction of the budget
 FAKE_LR_RATIO = 5.0
@@ -71,6 +75,13 @@ def dmd(c, main_every: int = 1) -> None:
     c.sampler.nfes = (1,)
 
 
+def dmd_reg(c, reg_weight: float = 0.25) -> None:
+    """DMD v1: the one-step DMD generator plus the regression on teacher pairs."""
+    dmd(c)
+    teacher_pairs(c)
+    c.losses.dmd.reg_weight = reg_weight
+
+
 RECIPES = {
     "tdm": tdm,
     "tdm_k1": lambda c: tdm(c, (1,)),
@@ -78,4 +89,5 @@ RECIPES = {
     "tdm_unify": lambda c: tdm(c, (1, 2, 4)),
     "dmd": dmd,
     "dmd2": lambda c: dmd(c, main_every=5),
+    "dmd_reg": dmd_reg,
 }

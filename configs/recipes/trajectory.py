@@ -93,7 +93,8 @@ def meanflow(c):
     c.losses.meanflow = {"weight": 1.0, "velocity": "teacher", "equal_fraction": 0.75}
 
 
-def _pairs(c):
+def teacher_pairs(c) -> None:
+    """Train on teacher (noise, sample) pairs generated once into ``<workdir>/pairs.npz``."""
     c.student.data = "pairs"
     num = 20_000 if c.testbed.name in _LOWDIM else 4_000
     c.student.pairs = {"num": num, "solver": "heun", "steps": 32, "batch_size": 1000}
@@ -101,13 +102,13 @@ def _pairs(c):
 
 def reflow(c):
     _euler_student(c, uses_s=False)
-    _pairs(c)
+    teacher_pairs(c)
     c.losses.reflow = {"weight": 1.0}
 
 
 def reflow_distill(c):
     _euler_student(c, uses_s=False)
-    _pairs(c)
+    teacher_pairs(c)
     c.losses.reflow_distill = {"weight": 1.0, "num_steps": 1, "distance": "l2"}
     c.sampler.nfes = (1,)  # trained for the single jump 1 -> 0 only
 

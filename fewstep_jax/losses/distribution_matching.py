@@ -435,7 +435,7 @@ def dmd_loss(cfg, student: Student):
         fparams = sg(inputs.others[c["fake"]])
         teacher = sg(inputs.teacher)
         noise, label = _batch(batch)
-        x = stu(params, _prior(stu.path, noise), c["t_start"], 0.0, label=label)
+        x = stu(params, _start(stu.path, noise, batch), c["t_start"], 0.0, label=label)
         x_t, t = _noisy(stu.path, sg(x), rng, c["t_min"], c["t_max"])
         x0_real = sg(teacher.x0_eps(x_t, t, label, guidance)[0])
         x0_fake = sg(fake.x0_eps(fparams, x_t, t, label=label)[0])
@@ -466,7 +466,7 @@ def dmd_fake_loss(cfg, student: Student):
         fake = inputs.net(c["fake"])
         sparams = sg(inputs.others[c["student"]])
         noise, label = _batch(batch)
-        x = sg(stu(sparams, _prior(path, noise), c["t_start"], 0.0, label=label))
+        x = sg(stu(sparams, _start(path, noise, batch), c["t_start"], 0.0, label=label))
         x_t, t = _noisy(path, x, rng, c["t_min"], c["t_max"])
         x0_f = fake.x0_eps(params, x_t, t, label=label)[0]
         err = _mean_dims((x0_f - x) ** 2)
@@ -491,6 +491,12 @@ def _batch(batch: dict) -> tuple[Array, Array | None]:
 def _prior(path: Path, noise: Array) -> Array:
     # sigma(1) * eps as Teacher.prior (path.prior_scale is a Python float, not traceable)
     return noise * path.sigma(jnp.ones((), jnp.float32))
+
+
+def _start(path: Path, noise: Array, batch: dict) -> Array:
+    """The one-step generator's input: a batch of teacher pairs (``"x"`` present, see
+    fewstep_jax.reflow) holds the teacher's prior sample itself, a noise batch N(0, I)."""
+    return jnp.asarray(noise, jnp.float32) if "x" in batch else _prior(path, noise)
 
 
 def _noisy(path: Path, x: Array, rng: Array, t_min: float, t_max: float) -> tuple[Array, Array]:

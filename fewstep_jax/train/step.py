@@ -16,6 +16,7 @@ network is not updated before that step) gate the main network's update.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -63,8 +64,21 @@ def _select(ok: Array, new, old):
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
-def _ema(decay: float, ema, params):
+def _ema(decay, ema, params):
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def ema_decay_at(decay: float, rampup_ratio: float, num_updates: Array) -> Array:
+    """EMA decay after ``num_updates`` updates with EDM's ramp-up (Karras et al. 2022): the
+    EMA's half-life (in updates) is ``min(half-life of decay, rampup_ratio * num_updates)``, so
+    a short run's average is not dominated by its initial params (at 60 updates a fixed 0.99 still
+    holds 55% of them). ``rampup_ratio <= 0``: the fixed ``decay``."""
+    decay = float(decay)
+    if rampup_ratio <= 0 or not 0.0 < decay < 1.0:
+        return jnp.asarray(decay, jnp.float32)
+    half_life = math.log(0.5) / math.log(decay)
+    ramped = jnp.minimum(half_life, float(rampup_ratio) * jnp.asarray(num_updates, jnp.float32))
+    return jnp.power(0.5, 1.0 / jnp.maximum(ramped, 1e-8))
 
 
 def _loss_and_grads(terms, params, inputs, batch, keys, prefix: str):
@@ -106,6 +120,8 @@ def make_step_fn(
     aux_order = sorted(nets)
     static_nets = (*((n, nets[n]) for n in aux_order), (MAIN, student))
     ema_decay = {"eval": float(config.ema.decay), "target": float(config.ema.target_decay)}
+    # only the evaluated average ramps up: the target EMA is part of a consistency loss
+    ema_rampup = {"eval": float(config.ema.get("rampup_ratio", 0.0)), "target": 0.0}
     skip = bool(config.train.skip_nonfinite)
     main_every = int(config.train.get("main_every", 1))
     # aux-only warm-up (e.g. a fake score that has no teacher network to start from)
@@ -143,7 +159,10 @@ def make_step_fn(
         metrics.update(m)
         upd, opt = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, upd)
-        ema = {n: _ema(ema_decay[n], e, params) for n, e in state.ema.items()}
+        # main-network updates so far, this one included (none before main_start)
+        updates = jnp.maximum(state.step - main_start, 0) // main_every + 1
+        decays = {n: ema_decay_at(ema_decay[n], ema_rampup[n], updates) for n in state.ema}
+        ema = {n: _ema(decays[n], e, params) for n, e in state.ema.items()}
         due = ((state.step % main_every) == 0) & (state.step >= main_start)
         do = due & ok if skip else due
         params, opt, ema = _select(do, (params, opt, ema), (state.params, state.opt_state, state.ema))
@@ -198,4 +217,12 @@ def make_train_step(
     )
 
 
-__all__ = ["MAIN", "Term", "build_terms", "make_step_fn", "make_train_step", "state_shardings"]
+__all__ = [
+    "MAIN",
+    "Term",
+    "build_terms",
+    "ema_decay_at",
+    "make_step_fn",
+    "make_train_step",
+    "state_shardings",
+]

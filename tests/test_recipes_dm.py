@@ -15,7 +15,7 @@ from fewstep_jax.train.loop import NonFiniteError, _bad_terms, _distill_nets, tr
 from fewstep_jax.train.state import create_state
 from fewstep_jax.train.step import build_terms, make_step_fn
 
-DM = ("tdm", "tdm_k1", "tdm_k2", "tdm_unify", "dmd", "dmd2")
+DM = ("tdm", "tdm_k1", "tdm_k2", "tdm_unify", "tdm_unify_l2", "dmd", "dmd2")
 
 
 def _small(recipe, steps=6, main_start=None):
@@ -56,6 +56,15 @@ def test_unify_conditions_student_fake_and_sampler_on_k():
     kw = steps_kw_fn(c)
     assert [int(kw(n)["num_steps"]) for n in (1, 2, 4)] == [0, 1, 2] and kw(8) is None
     assert steps_kw_fn(get_config("gmm8,tdm")) is None  # fixed K: no step condition
+
+
+@pytest.mark.parametrize("name", ["tdm", "tdm_k1", "tdm_k2", "tdm_unify"])
+def test_l2_variant_differs_only_in_the_distance(name):
+    huber, l2 = get_config(f"gmm8,{name}").to_dict(), get_config(f"gmm8,{name}_l2").to_dict()
+    assert huber["losses"]["tdm"].pop("distance") == "pseudo_huber"
+    assert l2["losses"]["tdm"].pop("distance") == "l2"
+    huber.pop("method"), l2.pop("method")
+    assert huber == l2
 
 
 def test_fake_warms_up_alone_before_the_generator_starts():

@@ -17,6 +17,9 @@ step (METHODS.md 4.3 / 5.5):
 * TDM's student times: ``total_steps = 1000`` so that on a DDPM path the K steps start at
   t = 1, .75, .5, .25 (K = 4), the student sampler's uniform grid (the demo's 900 starts at 0.9);
   no effect on continuous paths.
+* ``tdm*`` use the demo's elementwise pseudo-Huber (c = 1e-3: for gaps much larger than c its
+  gradient is the *sign* of each coordinate's DM gap), ``tdm*_l2`` the squared distance (the
+  gradient is the gap itself); the README's DM tables compare the two.
 * DMD / DMD2 are one-step generators (``sampler.nfes = (1,)``); DMD2 = DMD with TTUR
   (generator every 5th step, ``train.main_every``): the pure distribution-matching part.
   ``dmd_reg`` is DMD v1: plus the regression ``mean|G(z) - Phi_teacher(z)|^2`` on teacher pairs
@@ -56,14 +59,18 @@ def _dm_common(c, fake_losses: dict, prediction: str = "flow") -> None:
     c.sampler.gammas = (0.0,)
 
 
-def tdm(c, num_steps=(4,)) -> None:
-    """TDM with K in ``num_steps`` (one K, or several: the sampling-steps-aware TDM-unify)."""
+def tdm(c, num_steps=(4,), distance: str = "pseudo_huber") -> None:
+    """TDM with K in ``num_steps`` (one K, or several: the sampling-steps-aware TDM-unify).
+
+    ``distance``: the demo's elementwise pseudo-Huber (c = 1e-3), or ``l2`` (the demo's other
+    branch; the ``*_l2`` recipes), whose gradient keeps the size of each coordinate's DM gap.
+    """
     ks = tuple(int(k) for k in num_steps)
     if len(ks) > 1:
         c.model.num_step_classes = len(ks)
     sched = {"num_steps": ks, "total_steps": TDM_TOTAL_STEPS, "interval": "separate"}
     _dm_common(c, {"tdm_fake": {"weight": 1.0, **sched}})
-    c.losses.tdm = {"weight": 1.0, **sched, "distance": "pseudo_huber"}
+    c.losses.tdm = {"weight": 1.0, **sched, "distance": distance}
     c.sampler.nfes = tuple(sorted(set(ks) | {1, 2, 4})) if len(ks) > 1 else (1, 2, 4)
 
 
@@ -82,11 +89,11 @@ def dmd_reg(c, reg_weight: float = 0.25) -> None:
     c.losses.dmd.reg_weight = reg_weight
 
 
+_TDM_STEPS = {"tdm": (4,), "tdm_k1": (1,), "tdm_k2": (2,), "tdm_unify": (1, 2, 4)}
+
 RECIPES = {
-    "tdm": tdm,
-    "tdm_k1": lambda c: tdm(c, (1,)),
-    "tdm_k2": lambda c: tdm(c, (2,)),
-    "tdm_unify": lambda c: tdm(c, (1, 2, 4)),
+    **{name: (lambda c, ks=ks: tdm(c, ks)) for name, ks in _TDM_STEPS.items()},
+    **{f"{name}_l2": (lambda c, ks=ks: tdm(c, ks, "l2")) for name, ks in _TDM_STEPS.items()},
     "dmd": dmd,
     "dmd2": lambda c: dmd(c, main_every=5),
     "dmd_reg": dmd_reg,

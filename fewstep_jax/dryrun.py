@@ -259,8 +259,16 @@ def dry_run(
     every network of the run, the teacher's included (a quick check of a config's plumbing at a
     smaller size, e.g. ``{"block_out_channels": (32, 32, 32, 32), "layers_per_block": 1}``).
     """
+    # a bad accelerator name fails before the compile
+    get_accelerator(dryrun_settings(config)["accelerator"], accelerator)
+    measured, state = compile_step(config, model_overrides)
+    return assess(measured, state, config, accelerator)
+
+
+def compile_step(config: ml_collections.ConfigDict, model_overrides: dict | None = None) -> tuple[dict, Any]:
+    """``(measured, state)``: what the compiled step needs on any accelerator (bytes per device,
+    FLOPs, params, mesh) and the abstract train state; :func:`assess` judges it on one."""
     settings = dryrun_settings(config)
-    acc = get_accelerator(settings["accelerator"], accelerator)
     avail = jax.device_count()
     n = int(settings["num_devices"]) or avail
     fsdp = int(config.mesh.fsdp)
@@ -327,14 +335,10 @@ def dry_run(
         - mem.alias_size_in_bytes
         + mem.temp_size_in_bytes
     )
-    bf16 = cfg.model.get("dtype", "float32") == "bfloat16"
-    peak = acc.peak_bf16 if bf16 else acc.peak_fp32
-    budget = float(settings["hbm_headroom"]) * acc.hbm_bytes
     teacher_bytes = 0 if teacher is None else sum(_nbytes(x) for x in jax.tree.leaves(teacher))
-    report = {
+    measured = {
         "mode": cfg.mode,
         "method": cfg.get("method", ""),
-        "accelerator": acc.name,
         "num_devices": n,
         "simulated_devices": sim,
         "mesh": {"data": data, "fsdp": fsdp},
@@ -356,15 +360,33 @@ def dry_run(
         "alias_bytes": int(mem.alias_size_in_bytes),
         "temp_bytes": int(mem.temp_size_in_bytes),
         "bytes_per_device": int(used),
-        "hbm_bytes": acc.hbm_bytes,
-        "hbm_budget_bytes": budget,
         "flops_per_device": flops,
         "flops_per_step": flops * n,
+        "compute_dtype": "bfloat16" if cfg.model.get("dtype", "float32") == "bfloat16" else "float32",
+        "compile_seconds": compile_seconds,
+    }
+    return measured, state
+
+
+def assess(
+    measured: dict, state: Any, config: ml_collections.ConfigDict, accelerator: Accelerator | None = None
+) -> dict:
+    """The report of a compiled step (:func:`compile_step`) on ``accelerator`` (default: the
+    config's): HBM budget, peak FLOP/s, step time at the assumed MFU (or the MFU a measured
+    ``dryrun.step_time`` implies), ``fits`` and, when it does not, ``suggestion``."""
+    settings = dryrun_settings(config)
+    acc = get_accelerator(settings["accelerator"], accelerator)
+    peak = acc.peak_bf16 if measured["compute_dtype"] == "bfloat16" else acc.peak_fp32
+    budget = float(settings["hbm_headroom"]) * acc.hbm_bytes
+    flops, used = measured["flops_per_device"], measured["bytes_per_device"]
+    report = {
+        **measured,
+        "accelerator": acc.name,
+        "hbm_bytes": acc.hbm_bytes,
+        "hbm_budget_bytes": budget,
         "peak_flops": peak,
-        "compute_dtype": "bfloat16" if bf16 else "float32",
         "assumed_mfu": float(settings["mfu"]),
         "step_seconds_at_mfu": flops / (float(settings["mfu"]) * peak),
-        "compile_seconds": compile_seconds,
     }
     if float(settings["step_time"]) > 0:
         report["measured_step_seconds"] = float(settings["step_time"])

@@ -52,6 +52,11 @@ def test_every_recipe_builds_terms_its_student_accepts():
     assert _config("traflow_vel0", 2).losses.traflow.lam_vel == 0.0 < base.lam_vel
     assert _config("traflow_vel1", 2).losses.traflow.lam_vel == 1.0
     assert not _config("traflow_no_s", 2).model.use_s and _config("traflow", 2).model.use_s
+    uniform = _config("traflow_uniform", 2).losses.traflow
+    assert uniform.jump_weighting == "uniform" != base.jump_weighting
+    assert {k: v for k, v in uniform.items() if k != "jump_weighting"} == {
+        k: v for k, v in base.items() if k != "jump_weighting"
+    }
 
 
 # the distinct loss terms run by default; the ablations (same term, other options) and the

@@ -50,12 +50,13 @@ def _substeps(c) -> int:
     return 4 if c.testbed.name in _LOWDIM else 1
 
 
-def traflow(c, vel_variant="A", lam_vel=0.01, uses_s=True):
+def traflow(c, vel_variant="A", lam_vel=0.01, uses_s=True, jump_weighting="linear"):
     _euler_student(c, uses_s)
     c.losses.traflow = {
         "weight": 1.0,
         "vel_variant": vel_variant,
         "lam_vel": lam_vel,
+        "jump_weighting": jump_weighting,
         "num_grid": 8,
         "max_jump": 8,
         "substeps": _substeps(c),
@@ -120,6 +121,8 @@ RECIPES = {
     "traflow_vel0.1": lambda c: traflow(c, lam_vel=0.1),
     "traflow_vel1": lambda c: traflow(c, lam_vel=1.0),
     "traflow_no_s": lambda c: traflow(c, uses_s=False),
+    # jumps k ~ U{1..n} instead of p(k) ∝ k: more short jumps, the ones a multi-step chain makes
+    "traflow_uniform": lambda c: traflow(c, jump_weighting="uniform"),
     "cd": cd,
     "ctm": ctm,
     "shortcut": shortcut,

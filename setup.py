@@ -2,29 +2,36 @@
 
 from setuptools import find_packages, setup
 
-# Pinned to what CI tests on Python 3.11 (jax >= 0.11 needs Python >= 3.12).
+# Compatible ranges, so the package installs beside the jax a user already has (a CUDA or TPU
+# build, jax 0.10 on Python 3.11 or jax >= 0.11 on Python >= 3.12). The exact versions CI tests
+# are in constraints.txt: `pip install -c constraints.txt -e ".[test]"`.
 CORE = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "ml-collections==1.1.0",
-    "tensorflow-datasets==4.9.10",
-    "clu==0.0.12",
-    # clu's metric writers import TensorFlow; the CPU wheel avoids CUDA and NCCL clashes.
-    "tensorflow-cpu==2.21.0",
-    "tensorboard==2.21.0",
-    "absl-py==2.5.1",
-    "numpy==2.4.6",
-    "scipy==1.17.1",
-    "scikit-learn==1.9.1",
-    "matplotlib==3.11.2",
-    "safetensors==0.8.0",
+    "jax>=0.10.2",
+    "flax>=0.12",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.12",
+    "etils[epath]",
+    "ml-collections>=1.0",
+    "clu>=0.0.12",
+    # TensorBoard event files without TensorFlow (fewstep_jax/runs/writers.py); PNG encoding.
+    "tensorboard>=2.15",
+    "pillow",
+    "absl-py",
+    "numpy>=1.26",
+    "scikit-learn>=1.3",  # the bundled 8x8 digits dataset
+    "matplotlib",
 ]
-# An unpinned torch pulls a multi-GB CUDA build: 2.13.0 is the CPU wheel.
-TORCH = ["torch==2.13.0", "diffusers==0.42.1"]
-TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"]
+# Only reading TFDS datasets needs TensorFlow (fewstep_jax/data/tfds_source.py). The CPU wheel
+# (Linux x86-64) avoids CUDA and NCCL clashes with jax's own; elsewhere `tensorflow` is CPU-only.
+TFDS = [
+    "tensorflow-cpu>=2.15; sys_platform == 'linux' and platform_machine == 'x86_64'",
+    "tensorflow>=2.15; sys_platform != 'linux' or platform_machine != 'x86_64'",
+    "tensorflow-datasets>=4.9",
+]
+# Export to and import from PyTorch. An unconstrained torch on Linux is the multi-GB CUDA build:
+# constraints.txt names the CPU wheel's version.
+TORCH = ["torch>=2.1", "diffusers>=0.30", "safetensors>=0.4"]
+TEST = ["pytest>=8", "pytest-xdist>=3", "ruff>=0.15", "scipy"]
 
 setup(
     name="fewstep-jax",
@@ -35,6 +42,6 @@ setup(
     package_data={"fewstep_jax": ["assets/*"]},
     python_requires=">=3.11",
     install_requires=CORE,
-    extras_require={"torch": TORCH, "test": TEST + TORCH},
+    extras_require={"tfds": TFDS, "torch": TORCH, "test": TEST + TORCH + TFDS},
     entry_points={"console_scripts": ["fewstep=fewstep_jax.main:run"]},
 )

@@ -1,7 +1,7 @@
 """Consistency distillation (CD) of the CIFAR-10 VP teacher (METHODS.md 5.2).
 
 python -m fewstep_jax.main --config=configs/cifar10_cd.py --workdir=runs/cifar10_cd
-python -m fewstep_jax.dryrun --config=configs/cifar10_cd.py
+python -m fewstep_jax.modes.dryrun --config=configs/cifar10_cd.py
 
 Teacher: configs/cifar10_vp_teacher.py (runs/cifar10_vp_teacher). Recipe of CM's
 cifar10_ve_cd: EDM grid N = 18, Heun teacher (2 NFE per jump), target = current params under
@@ -10,15 +10,11 @@ warm-up steps, no grad-clip, dropout 0, 800k steps. Distance L2 (LPIPS is not sh
 Mesh: one 8-accelerator host, data=8, fsdp=1 (64 images per device).
 """
 
-from configs import cifar10_vp_teacher
-from configs.cifar10_rf_teacher import student_base
-from configs.recipes import apply_recipe
+from fewstep_jax.recipes import apply_recipe, experiments
 
 
 def get_config():
-    c = student_base(
-        "configs/cifar10_vp_teacher.py", "runs/cifar10_vp_teacher", cifar10_vp_teacher.get_config
-    )
+    c = experiments.cifar10_vp_student_base()
     apply_recipe(c, "cd")
     c.train.num_steps = 800_000
     c.train.batch_size = 512

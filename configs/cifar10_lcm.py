@@ -2,10 +2,10 @@
 (METHODS.md 5.3).
 
 python -m fewstep_jax.main --config=configs/cifar10_lcm.py --workdir=runs/cifar10_lcm
-python -m fewstep_jax.dryrun --config=configs/cifar10_lcm.py
+python -m fewstep_jax.modes.dryrun --config=configs/cifar10_lcm.py
 
 Teacher: configs/cifar10_vp_teacher.py (runs/cifar10_vp_teacher). Method: the ``lcm`` recipe
-(configs/recipes/tcd.py: LCM's boundary scalings, timestep scaling 10, on the 50-point DDIM grid
+(fewstep_jax/recipes/tcd.py: LCM's boundary scalings, timestep scaling 10, on the 50-point DDIM grid
 skipping step 20; an s-agnostic network; target EMA 0.95; multistep sampling = TCD's SSS with
 gamma 1). Student: the teacher's UNet in eps-prediction, no guidance (unconditional). The
 teacher, optimizer, batch and EMAs of configs/cifar10_tcd.py (diffusers LCM full-model script:
@@ -13,8 +13,8 @@ AdamW wd 1e-2, grad-clip 1, constant lr after 500 warm-up steps, per-device batc
 instead of SD's 1e-6). Mesh: one 8-accelerator host, data=8, fsdp=1.
 """
 
-from configs import cifar10_tcd
+from fewstep_jax.recipes import experiments
 
 
 def get_config():
-    return cifar10_tcd.vp_student("lcm")
+    return experiments.cifar10_vp_student("lcm")

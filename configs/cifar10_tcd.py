@@ -1,10 +1,10 @@
 """Trajectory consistency distillation (TCD) of the CIFAR-10 VP teacher (METHODS.md 3.2).
 
 python -m fewstep_jax.main --config=configs/cifar10_tcd.py --workdir=runs/cifar10_tcd
-python -m fewstep_jax.dryrun --config=configs/cifar10_tcd.py
+python -m fewstep_jax.modes.dryrun --config=configs/cifar10_tcd.py
 
 Teacher: configs/cifar10_vp_teacher.py (runs/cifar10_vp_teacher; ddpm path, eps). Method: the
-``tcd`` recipe (configs/recipes/tcd.py: TCF(1), the 50-point DDIM solver grid t_i = 20 i - 1
+``tcd`` recipe (fewstep_jax/recipes/tcd.py: TCF(1), the 50-point DDIM solver grid t_i = 20 i - 1
 skipping step 20, target EMA 0.95, sampled on the ``tcd`` grid it was trained on). Scale
 choices on top: eps-prediction (the teacher's, so the copied params start as the teacher) with
 the s-branch (t_m), initialised from the teacher; unconditional CIFAR-10: no guidance (w = 0);
@@ -14,33 +14,11 @@ was tuned for Stable Diffusion fine-tuning; for a 58.7M CIFAR UNet we use the CM
 (an assumption). Mesh: one 8-accelerator host, data=8, fsdp=1.
 """
 
-from configs import cifar10_vp_teacher
-from configs.cifar10_rf_teacher import student_base
-from configs.recipes import apply_recipe
-
-
-def vp_student(recipe: str):
-    """A student of the CIFAR-10 VP teacher with ``recipe`` and the full-size numbers of the
-    TCD/LCM scripts (shared with configs/cifar10_lcm.py)."""
-    c = student_base(
-        "configs/cifar10_vp_teacher.py", "runs/cifar10_vp_teacher", cifar10_vp_teacher.get_config
-    )
-    apply_recipe(c, recipe)
-    c.student.prediction = "eps"
-    c.train.num_steps = 100_000
-    c.train.batch_size = 96
-    c.optim.name = "adamw"
-    c.optim.lr = 1e-4
-    c.optim.weight_decay = 1e-2
-    c.optim.warmup_steps = 500
-    c.optim.grad_clip = 1.0
-    c.ema.decay = 0.9999
-    c.ema.target_decay = 0.95
-    return c
+from fewstep_jax.recipes import experiments
 
 
 def get_config():
-    c = vp_student("tcd")
+    c = experiments.cifar10_vp_student("tcd")
     c.model.use_s = True
     c.sampler.gammas = (0.2,)
     return c

@@ -2,10 +2,10 @@
 (METHODS.md 4.3, adapted to an RF teacher as in 4.7).
 
 python -m fewstep_jax.main --config=configs/cifar10_tdm.py --workdir=runs/cifar10_tdm
-python -m fewstep_jax.dryrun --config=configs/cifar10_tdm.py
+python -m fewstep_jax.modes.dryrun --config=configs/cifar10_tdm.py
 
 Teacher: configs/cifar10_rf_teacher.py (runs/cifar10_rf_teacher). Method: the ``tdm`` recipe
-(configs/recipes/distribution_matching.py, K = 4): two networks, both the teacher's UNet
+(fewstep_jax/recipes/distribution_matching.py, K = 4): two networks, both the teacher's UNet
 initialised from it: the 4-step generator (student, data-free: batches of noise; semi-linear form,
 identical to Euler on the RF path) and the fake score "fake" (aux net, updated first, 1:1);
 pseudo-Huber c = 1e-3, separate intervals, fake lr 5x the generator's, betas (0, 0.95). Scale
@@ -14,29 +14,13 @@ choices on top: no fake warm-up (the fake starts from the teacher), AdamW wd 1e-
 demo leaves it open; 128. Mesh: one 8-accelerator host, data=8, fsdp=1 (teacher replicated).
 """
 
-from configs import cifar10_rf_teacher
-from configs.recipes import apply_recipe
-
-
-def dm_student(c, recipe: str, lr: float, fake_lr: float):
-    """``recipe`` (tdm / dmd / dmd2) on a student of a network teacher: generator lr ``lr``, fake
-    lr ``fake_lr``, AdamW wd 1e-2, grad-clip 1, no fake-only warm-up."""
-    apply_recipe(c, recipe)
-    c.optim.lr = lr
-    c.aux_nets.fake.optim.lr = fake_lr
-    c.train.main_start = 0  # the fake starts as the teacher: no fake-only warm-up
-    c.optim.name = "adamw"
-    c.optim.weight_decay = 1e-2
-    c.optim.grad_clip = 1.0
-    return c
+from fewstep_jax.recipes import experiments
 
 
 def get_config():
-    c = cifar10_rf_teacher.student_base(
-        "configs/cifar10_rf_teacher.py", "runs/cifar10_rf_teacher", cifar10_rf_teacher.get_config
-    )
+    c = experiments.cifar10_rf_student()
     c.train.num_steps = 20_000
-    dm_student(c, "tdm", lr=4e-6, fake_lr=2e-5)
+    experiments.dm_student(c, "tdm", lr=4e-6, fake_lr=2e-5)
     c.losses.tdm.guidance = 1.0
     c.train.batch_size = 128
     c.optim.schedule = "cosine"

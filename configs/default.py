@@ -1,8 +1,8 @@
 """The embedded default run (the README's first command): the whole job, offline, on a CPU.
 
-Mode ``pipeline`` (fewstep_jax/pipeline.py) on the 2-D 8-Gaussian testbed with its exact
+Mode ``pipeline`` (fewstep_jax/modes/pipeline.py) on the 2-D 8-Gaussian testbed with its exact
 analytic teacher: one few-step student per method of ``pipeline.methods`` that has a recipe
-(configs/recipes: TraFlow, TCD, TDM), each trained ``pipeline.steps`` steps in
+(fewstep_jax/recipes: TraFlow, TCD, TDM), each trained ``pipeline.steps`` steps in
 ``<workdir>/<method>/``, then one report in the workdir: ``report.md`` (the students at NFE 1/2/4
 beside the teacher's solvers at the same NFE and the converged teacher), ``samples.png``,
 ``trajectories.png``, ``loss_curves.png`` and ``pipeline.json``. A second run on the same
@@ -18,7 +18,7 @@ for the whole command, Python/JAX start-up and every compilation included; well 
 
 import ml_collections
 
-from configs import base
+from fewstep_jax.recipes import base
 
 
 def get_config():
@@ -30,10 +30,10 @@ def get_config():
     c.sampler.nfes = (1, 2, 4)  # the NFEs of the table and the sample grids
 
     c.pipeline = ml_collections.ConfigDict()
-    # recipes (configs/recipes) to distil, in order; names without a recipe yet are skipped
+    # recipes (fewstep_jax/recipes) to distil, in order; names without a recipe yet are skipped
     c.pipeline.methods = ("traflow", "tcd", "tdm")
     c.pipeline.steps = 0  # student steps per method; 0: the testbed budget (2000 for gmm8)
-    c.pipeline.batch_size = 0  # 0: the testbed's batch (configs/recipes/testbeds.py)
+    c.pipeline.batch_size = 0  # 0: the testbed's batch (fewstep_jax/recipes/testbeds.py)
     c.pipeline.teacher_solvers = ("euler", "heun", "dpmpp_2m")
     c.pipeline.trajectory_samples = 300  # noise samples drawn in trajectories.png
     return c

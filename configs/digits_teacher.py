@@ -7,8 +7,8 @@ Not timed to convergence in this issue: on 2 CPU cores expect a few steps/s at b
 (--config.train.num_steps=2000) for a rough teacher.
 """
 
-from configs import base
 from fewstep_jax.models import unet_config
+from fewstep_jax.recipes import base
 
 
 def get_config():

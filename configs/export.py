@@ -7,7 +7,7 @@ Only the ``export`` block matters: the run's own config is read from ``<workdir>
 
 import ml_collections
 
-from configs import base
+from fewstep_jax.recipes import base
 
 
 def get_config():
@@ -20,4 +20,5 @@ def get_config():
     c.export.overwrite = False  # replace an existing folder
     c.export.nfe = 0  # recommended sampler's NFE; 0: the largest of the run's sampler.nfes
     c.export.gamma = -1.0  # recommended gamma; < 0: the first of the run's sampler.gammas
+    c.export.check = False  # then compare the folder in PyTorch with JAX (pip install "fewstep-jax[torch]")
     return c

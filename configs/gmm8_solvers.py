@@ -3,7 +3,7 @@
 python -m fewstep_jax.main --config=configs/gmm8_solvers.py --workdir=runs/gmm8_solvers
 """
 
-from configs import base
+from fewstep_jax.recipes import base
 
 
 def get_config():

@@ -7,7 +7,7 @@ Measured: 3000 steps at batch 512 take about 60 s of CPU time (1 device; ~25-45 
 sw2 0.161 vs 0.100 for the analytic teacher; 4 NFE 0.173 vs 0.110; 1 NFE 1.27 vs 1.42.
 """
 
-from configs import base
+from fewstep_jax.recipes import base
 
 
 def get_config():

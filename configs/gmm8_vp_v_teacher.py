@@ -3,8 +3,8 @@
 python -m fewstep_jax.main --config=configs/gmm8_vp_v_teacher.py --workdir=runs/gmm8_vp_v_teacher
 """
 
-from configs import gmm8_vp_teacher
+from fewstep_jax.recipes import experiments
 
 
 def get_config():
-    return gmm8_vp_teacher.get_config(prediction="v")
+    return experiments.gmm8_vp_teacher(prediction="v")

@@ -1,7 +1,7 @@
 """TDM of the ImageNet-64 class-conditional RF teacher, 4-step generator (METHODS.md 4.3, 4.7).
 
 python -m fewstep_jax.main --config=configs/imagenet64_tdm.py --workdir=runs/imagenet64_tdm
-python -m fewstep_jax.dryrun --config=configs/imagenet64_tdm.py
+python -m fewstep_jax.modes.dryrun --config=configs/imagenet64_tdm.py
 
 Teacher: configs/imagenet64_teacher.py. Method: the ``tdm`` recipe as in configs/cifar10_tdm.py
 (generator and fake score: the teacher's 266M UNet, initialised from it; data-free batches of
@@ -11,18 +11,13 @@ ImageNet-64 needs far less). Demo numbers otherwise: AdamW betas (0, 0.95), wd 1
 TPU v5p slice of 32 chips, data=8, fsdp=4 (three 266M networks, two trained).
 """
 
-from configs import imagenet64_teacher
-from configs.cifar10_rf_teacher import student_base
-from configs.cifar10_tdm import dm_student
+from fewstep_jax.recipes import experiments
 
 
 def get_config():
-    c = student_base(
-        "configs/imagenet64_teacher.py", "runs/imagenet64_teacher", imagenet64_teacher.get_config
-    )
-    c.testbed.in_memory = False  # as the teacher: ImageNet-64 is read by index, not held in RAM
+    c = experiments.imagenet64_student()  # read by index, as the teacher
     c.train.num_steps = 20_000
-    dm_student(c, "tdm", lr=4e-6, fake_lr=2e-5)
+    experiments.dm_student(c, "tdm", lr=4e-6, fake_lr=2e-5)
     c.losses.tdm.guidance = 1.5
     c.train.batch_size = 512
     c.optim.schedule = "cosine"

@@ -1,7 +1,7 @@
 """TraFlow student of the ImageNet-64 class-conditional RF teacher (METHODS.md 2.3).
 
 python -m fewstep_jax.main --config=configs/imagenet64_traflow.py --workdir=runs/imagenet64_traflow
-python -m fewstep_jax.dryrun --config=configs/imagenet64_traflow.py
+python -m fewstep_jax.modes.dryrun --config=configs/imagenet64_traflow.py
 
 Teacher: configs/imagenet64_teacher.py (runs/imagenet64_teacher). Student: its 266M UNet + the
 s-branch, initialised from it; labels from the data (conditional student, no guidance distilled).
@@ -10,16 +10,11 @@ batch 1024, target EMA 0.999, eval EMA 0.9999. Mesh: a TPU v5p slice of 32 chips
 fsdp=2 (the replicated teacher is another 0.5 GiB per chip).
 """
 
-from configs import imagenet64_teacher
-from configs.cifar10_rf_teacher import student_base
-from configs.recipes import apply_recipe
+from fewstep_jax.recipes import apply_recipe, experiments
 
 
 def get_config():
-    c = student_base(
-        "configs/imagenet64_teacher.py", "runs/imagenet64_teacher", imagenet64_teacher.get_config
-    )
-    c.testbed.in_memory = False  # as the teacher: ImageNet-64 is read by index, not held in RAM
+    c = experiments.imagenet64_student()  # read by index, as the teacher
     apply_recipe(c, "traflow")
     c.losses.traflow.num_grid = 40
     c.losses.traflow.max_jump = 39

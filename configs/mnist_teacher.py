@@ -11,8 +11,8 @@ final evaluation compares the trained teacher with the exact ideal-denoiser teac
 ``testbed.subset`` training images at the same noise (``teacher_eval.json``).
 """
 
-from configs import base
 from fewstep_jax.models import unet_config
+from fewstep_jax.recipes import base
 
 
 def get_config():

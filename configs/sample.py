@@ -1,4 +1,4 @@
-"""Sample a trained student (or teacher) from its workdir (mode ``sample``, fewstep_jax.sample_mode):
+"""Sample a trained student (or teacher) from its workdir (mode ``sample``, fewstep_jax.modes.sample):
 
 python -m fewstep_jax.main --config=configs/sample.py --workdir=<run workdir> --config.sample.nfe=2
 
@@ -9,7 +9,7 @@ run's own config is read from ``<workdir>/config.json``.
 
 import ml_collections
 
-from configs import base
+from fewstep_jax.recipes import base
 
 
 def get_config():

@@ -3,28 +3,21 @@
 The mode is a config field (``config.mode``); each mode is a function ``run(config, workdir)``
 of the Python API, so a notebook can call the same thing. Config overrides go on the command
 line (``--config.seed=1``); the config is locked, so an unknown key is an error naming it.
+
+A user error (unknown mode, recipe, testbed or config key, a value of the wrong type, a missing
+config file, workdir or package) prints one line ``error: ...`` and exits with status 2
+(``fewstep_jax.errors``); ``--verbose`` or ``FEWSTEP_VERBOSE=1`` adds the traceback.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# mode -> "module:function"; a function takes (config, workdir). Modes appear as issues land.
-MODES = {
-    "evaluate": "fewstep_jax.evaluation.teacher_solvers:run_evaluate",
-    "train_teacher": "fewstep_jax.train.loop:train_teacher",
-    "distill": "fewstep_jax.train.loop:distill",
-    "dryrun": "fewstep_jax.dryrun:run",
-    "export": "fewstep_jax.export.workdir:run_export",
-    "sample": "fewstep_jax.sample_mode:run",
-    "pipeline": "fewstep_jax.pipeline:run",
-}
+from fewstep_jax.errors import UserError, define_verbose_flag, parse_flags_or_exit, run_cli, unknown
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -36,6 +29,7 @@ flags.DEFINE_integer(
     "one). 0: auto, the largest power of two <= min(cores, 8), unless XLA_FLAGS already sets "
     "--xla_force_host_platform_device_count. Accelerators are unaffected.",
 )
+define_verbose_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -47,7 +41,7 @@ def cpu_device_count(requested: int, cores: int | None, xla_flags: str) -> int |
     UNet step on 2 cores). A power of two keeps the usual batch sizes divisible.
     """
     if requested < 0:
-        raise ValueError(f"--cpu_devices={requested}; expected 0 (auto) or a positive count")
+        raise UserError(f"--cpu_devices={requested}; expected 0 (auto) or a positive count")
     if requested:
         return requested
     if "xla_force_host_platform_device_count" in xla_flags:
@@ -57,11 +51,12 @@ def cpu_device_count(requested: int, cores: int | None, xla_flags: str) -> int |
 
 
 def resolve_mode(mode: str):
-    """The function running ``mode``; an unknown mode lists the known ones."""
+    """The function running ``mode``; an unknown mode is a UserError listing the known ones."""
+    from fewstep_jax.modes import MODES  # imported here: a bad command line fails before TensorFlow loads
+
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; known modes: {sorted(MODES)}")
-    module, fn = MODES[mode].split(":")
-    return getattr(importlib.import_module(module), fn)
+        raise unknown("mode", mode, MODES)
+    return MODES[mode]
 
 
 # modes that read a finished run's workdir: they must not replace the run's own config.json
@@ -80,11 +75,21 @@ def save_config(config, workdir: str) -> None:
             json.dump(json.loads(config.to_json_best_effort()), f, indent=1)
 
 
+def check_run_workdir(mode: str, workdir: str) -> None:
+    """The modes of ``READS_RUN`` need a finished run's workdir: a missing one is an error before
+    anything is written there (``save_config`` would create it)."""
+    if mode in READS_RUN:
+        from fewstep_jax.export.workdir import read_run_config
+
+        read_run_config(workdir)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise UserError(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
     config, workdir = FLAGS.config, FLAGS.workdir
     run = resolve_mode(config.mode)
+    check_run_workdir(config.mode, workdir)
     n = cpu_device_count(FLAGS.cpu_devices, os.cpu_count(), os.environ.get("XLA_FLAGS", ""))
     if n is not None:
         import jax
@@ -108,22 +113,9 @@ def main(argv) -> None:
     run(config, workdir)
 
 
-def parse_flags_or_exit(argv: list[str]) -> list[str]:
-    """Parses the flags; a config key that does not exist exits with a message naming it."""
-    try:
-        return FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        overrides = [a.split("=")[0][2:] for a in argv if a.startswith("--config.")]
-        sys.exit(
-            f"error: unknown config key {e} (overrides given: {overrides}). The config is locked: "
-            "only keys defined in configs/base.py or the config file can be set."
-        )
-
-
 def run() -> None:
-    """Console-script entry (``fewstep``)."""
-    sys.path.insert(0, os.getcwd())  # config files import the shared configs/base.py
-    app.run(main, flags_parser=parse_flags_or_exit)
+    """Console-script entry (``fewstep``): user errors exit with one line (fewstep_jax.errors)."""
+    app.run(lambda argv: run_cli(main, argv), flags_parser=parse_flags_or_exit)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,17 @@
 
 A chain visits ``grid = (t_0 > t_1 > ... > t_N)``; step i jumps with ``G`` from ``t_i`` to an
 intermediate time ``s'_i <= t_{i+1}`` and forward-diffuses back up to ``t_{i+1}`` with fresh noise
-``z_i`` (exactly the marginal of the path, DESIGN.md "Student"):
+``z_i`` (exactly the marginal of the path, docs/design.md "Student"):
 
     x_{t'} = (alpha_{t'} / alpha_{s'}) x_{s'} + sqrt(sigma_{t'}^2 - (alpha_{t'} sigma_{s'} / alpha_{s'})^2) z
 
 The last step jumps straight to ``t_N`` with no noise. Two parameterisations of the stochasticity
 ``gamma in [0, 1]``:
 
-* ``"tcd"`` (METHODS 3.3, strategic stochastic sampling): ``s' = (1 - gamma) t_{i+1}``.
+* ``"tcd"`` (docs/methods.md §3.3, strategic stochastic sampling): ``s' = (1 - gamma) t_{i+1}``.
   gamma = 0: the deterministic chain of ``G``; gamma = 1: multistep consistency / LCM sampling
   (jump to data, re-noise to ``t_{i+1}``).
-* ``"ctm"`` (METHODS 5.4, gamma-sampling): in EDM noise levels ``sigma = sigma_t / alpha_t``,
+* ``"ctm"`` (docs/methods.md §5.4, gamma-sampling): in EDM noise levels ``sigma = sigma_t / alpha_t``,
   ``sigma(s') = sqrt(1 - gamma^2) (sigma(t_{i+1}) - sigma_min) + sigma_min``.
 
 Everything random is an argument: the initial noise and the injected noises ``(N - 1, B, ...)``,

@@ -89,7 +89,7 @@ def tcd_grid(num_steps: int, path: Path) -> np.ndarray:
     """TCD/LCM's sampling times (``TCDScheduler.set_timesteps`` on the 50-point training grid of
     the distillation losses) with a final ``t = 0``: ``t = (k + 1) / T``, e.g. 4 steps ->
     ``[1, 0.76, 0.5, 0.26, 0]``; on non-DDPM paths the same times (``T = 1000``)."""
-    from fewstep_jax.tcd import tcd_timesteps
+    from fewstep_jax.schedules.tcd_scheduler import tcd_timesteps
 
     T = path.num_train_timesteps if isinstance(path, DDPM) else 1000
     ks = tcd_timesteps(num_steps, num_train_timesteps=T)

@@ -1,7 +1,7 @@
 """Flow-map students ``G(x, t, s) ~ Phi(x, t, s)`` with ``G(x, t, t) = x`` exact by construction.
 
 A :class:`Student` wraps a network ``apply(params, x, t, s, label, guidance, num_steps)`` whose
-output is a prediction of kind ``prediction`` on ``path`` (METHODS.md 1.2, DESIGN.md "Student"):
+output is a prediction of kind ``prediction`` on ``path`` (docs/methods.md §1.2, docs/design.md "Student"):
 
 * ``form="euler"`` (TraFlow, CTM, shortcut, mean-flow; CD with ``s = 0``):
   ``G = x + (s - t) u`` with ``u`` the network's output read as a velocity. When the network

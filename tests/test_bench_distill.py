@@ -3,7 +3,6 @@ a trained teacher as the reference, --set overrides, guided per-class scoring, t
 
 import dataclasses
 import json
-import sys
 
 import jax
 import numpy as np
@@ -14,7 +13,7 @@ from fewstep_jax.evaluation.scoring import class_distances, make_reference
 from fewstep_jax.evaluation.student_eval import student_condition
 from fewstep_jax.evaluation.teacher_solvers import solve_batched, solver_samplers
 from fewstep_jax.solvers import make_grid
-from fewstep_jax.testbeds import make_testbed
+from fewstep_jax.testbeds.exact import make_testbed
 
 N = 64  # evaluation noises
 SMALL = [
@@ -44,13 +43,12 @@ def analytic(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     """A tiny unconditional train_teacher run (5 steps) with its config.json, as main writes it."""
-    sys.path.insert(0, ".")
-    from configs.gmm8_teacher import get_config
     from fewstep_jax.main import save_config
-    from fewstep_jax.train.loop import train_teacher
+    from fewstep_jax.modes.dryrun import load_config_file
+    from fewstep_jax.modes.train_teacher import train_teacher
 
     d = tmp_path_factory.mktemp("teacher")
-    c = get_config()
+    c = load_config_file("configs/gmm8_teacher.py")
     c.model.width, c.model.num_classes = 16, 0
     c.train.num_steps, c.train.batch_size, c.train.log_every, c.train.checkpoint_every = 5, 64, 5, 5
     c.eval.train_num_samples, c.eval.train_nfes, c.eval.train_solvers = 64, (1,), ("euler",)
@@ -93,7 +91,7 @@ def test_set_overrides_reach_every_run(analytic):
 
 
 def test_cost_columns_count_teacher_nfe_from_the_metrics(analytic):
-    from fewstep_jax.train.writers import read_metrics
+    from fewstep_jax.runs.writers import read_metrics
 
     payload, d, _ = analytic
     r = _rows(payload, "traflow")[1]

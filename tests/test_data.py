@@ -1,6 +1,11 @@
 """Input pipelines: stateless batch sources, built-in loaders, TFDS loading (offline)."""
 
+import ast
+import graphlib
 import os
+import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,8 +40,7 @@ def _gaussian(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
 
 
 def _make_sources(process_index: int = 0, process_count: int = 1, seed: int = 3) -> dict:
-    kw = dict(global_batch_size=4, seed=seed, process_index=process_index,
-              process_count=process_count)
+    kw = dict(global_batch_size=4, seed=seed, process_index=process_index, process_count=process_count)
     return {
         "array": ArraySource(_toy_arrays(10), **kw),
         "sampler": SamplerSource(_gaussian, **kw),
@@ -214,9 +218,58 @@ def test_load_dataset_dispatch(tmp_path):
     np.testing.assert_allclose(d["x"][..., 0], arrays["x_test"] / 127.5 - 1.0, atol=1e-6)
     with pytest.raises(ValueError, match="known: digits, mnist"):
         load_dataset("imagenet")
+
+
+def test_mnist_without_path_is_tfds_and_says_not_prepared(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
     # No path and no prepared TFDS data: a clear error, no download attempt.
     with pytest.raises(FileNotFoundError, match="not prepared"):
         load_dataset("mnist", data_dir=tmp_path / "tfds")
+
+
+def test_tfds_without_tensorflow_says_what_to_install(monkeypatch):
+    """Without tensorflow-datasets (None in sys.modules: `import` fails as if not installed) the
+    TFDS readers raise one line naming the extra; the other loaders do not need it."""
+    from fewstep_jax.data import tfds_data_source, tfds_image_info
+    from fewstep_jax.data.tfds_source import TFDS_INSTALL_HINT
+    from fewstep_jax.metrics.fid import load_tfds_images
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+    hint = "^" + re.escape(TFDS_INSTALL_HINT) + "$"
+    for read in (
+        lambda: load_dataset("tfds:cifar10"),
+        lambda: load_dataset("mnist"),
+        lambda: load_tfds_arrays("cifar10"),
+        lambda: tfds_image_info("cifar10"),
+        lambda: tfds_data_source("cifar10"),
+        lambda: load_tfds_images("cifar10:train"),
+    ):
+        with pytest.raises(ImportError, match=hint):
+            read()
+    assert "\n" not in TFDS_INSTALL_HINT and 'pip install "fewstep-jax[tfds]"' in TFDS_INSTALL_HINT
+    assert load_dataset("digits")["x"].shape == (1797, 8, 8, 1)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at top level or inside functions."""
+    tree = ast.parse(path.read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return names | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+
+def test_data_modules_import_one_way():
+    """The modules of fewstep_jax/data import one another without a cycle (lazy imports included):
+    sources, images <- random_access <- tfds_source <- builtin <- the package."""
+    import fewstep_jax.data as package
+
+    folder = Path(package.__file__).parent
+    graph = {
+        p.stem: {m.rsplit(".", 1)[-1] for m in _imports(p) if m.startswith("fewstep_jax.data.")}
+        for p in folder.glob("*.py")
+        if p.stem != "__init__"
+    }
+    order = list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
+    assert set(order) == set(graph) >= {"sources", "images", "random_access", "tfds_source", "builtin"}
 
 
 # ----------------------------------------------------------------------------- tfds

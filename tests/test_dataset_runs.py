@@ -10,11 +10,13 @@ import os
 import numpy as np
 import pytest
 
-from configs import cifar10_rf_teacher, cifar10_tdm, cifar10_traflow
-from fewstep_jax.data_testbed import DatasetTestbed
+from fewstep_jax.modes.distill import distill
+from fewstep_jax.modes.dryrun import load_config_file
+from fewstep_jax.modes.train_teacher import train_teacher
+from fewstep_jax.runs import writers
 from fewstep_jax.teachers.neural import latest_checkpoint
-from fewstep_jax.train import writers
-from fewstep_jax.train.loop import distill, make_testbed_from_config, train_teacher
+from fewstep_jax.testbeds import make_testbed_from_config
+from fewstep_jax.testbeds.dataset import DatasetTestbed
 from tests.tfds_local import build_image_dataset
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -55,7 +57,7 @@ def fid_files(tmp_path_factory, data_dir) -> tuple[str, str]:
     from jax.sharding import Mesh
 
     from fewstep_jax.data import load_dataset
-    from fewstep_jax.evaluation import fid, inception
+    from fewstep_jax.metrics import fid, inception
 
     d = tmp_path_factory.mktemp("fid")
     params = inception.random_inception_params(seed=0)
@@ -106,7 +108,7 @@ def shrink(c, data_dir: str, fid: tuple[str, str] | None) -> None:
 def teacher(tmp_path_factory, data_dir, fid_files):
     """cifar10_rf_teacher at test size, FID on, one periodic and one final evaluation."""
     workdir = tmp_path_factory.mktemp("teacher")
-    c = cifar10_rf_teacher.get_config()
+    c = load_config_file("configs/cifar10_rf_teacher.py")
     shrink(c, data_dir, fid_files)
     c.train.eval_every = 2
     (workdir / "config.json").write_text(c.to_json_best_effort())  # as main.py writes it
@@ -142,23 +144,24 @@ def test_training_eval_reports_a_finite_fid(teacher, data_dir, fid_files):
     value = final["eval/euler_nfe2/fid"]
     assert math.isfinite(value) and value > 0
     # the scorer measures the reference's own data at (numerically) zero: same weights and stats
-    c = cifar10_rf_teacher.get_config()
+    c = load_config_file("configs/cifar10_rf_teacher.py")
     shrink(c, data_dir, fid_files)
     tb = make_testbed_from_config(c)
-    assert isinstance(tb, DatasetTestbed) and tb.teacher is None and tb.distance_names == ("fid",)
+    assert isinstance(tb, DatasetTestbed) and tb.exact_teacher is None and not tb.has_exact_teacher
+    assert tb.distance_names == ("fid",)
     assert tb.distances(tb.arrays["x"])["fid"] < 1e-3 * value
     assert math.isnan(tb.distances(np.full((4, SIZE, SIZE, 3), np.nan, np.float32))["fid"])
 
 
 def test_fid_from_activations_equals_the_frechet_distance():
-    from fewstep_jax.evaluation import fid, metrics
+    from fewstep_jax.metrics import fid, sample_distances
 
     rng = np.random.default_rng(0)
     ref = rng.normal(0.3, 1.2, (400, 48))
-    mu, sigma = metrics.gaussian_stats(ref)
+    mu, sigma = sample_distances.gaussian_stats(ref)
     for n in (5, 48, 100):  # rank-deficient, square, full rank
         x = rng.normal(size=(n, 48))
-        want = metrics.frechet_distance(*metrics.gaussian_stats(x), mu, sigma)
+        want = sample_distances.frechet_distance(*sample_distances.gaussian_stats(x), mu, sigma)
         assert fid.fid_from_activations(x, mu, sigma) == pytest.approx(want, rel=1e-6)
 
 
@@ -171,7 +174,7 @@ def _student(get_config, teacher_workdir, data_dir, fid) -> object:
 
 
 def test_distill_traflow_from_the_teacher_reports_fid_at_nfe_1_2_4(teacher, data_dir, fid_files, tmp_path):
-    c = _student(cifar10_traflow.get_config, teacher, data_dir, fid_files)
+    c = _student(lambda: load_config_file("configs/cifar10_traflow.py"), teacher, data_dir, fid_files)
     assert c.student.data == "data" and c.method == "traflow"
     # the cheapest traflow to compile: short Euler teacher targets, no velocity term
     c.losses.traflow.num_grid = c.losses.traflow.max_jump = 2
@@ -193,7 +196,9 @@ def test_distill_traflow_from_the_teacher_reports_fid_at_nfe_1_2_4(teacher, data
 @pytest.mark.slow  # a third UNet training step to compile (two networks): ~50 s on a loaded 2-core CPU
 def test_data_free_tdm_needs_no_dataset_and_says_fid_is_off(teacher, tmp_path, caplog):
     # data-free: the dataset is never read (its data_dir does not even exist)
-    c = _student(cifar10_tdm.get_config, teacher, os.fspath(tmp_path / "no_such_dir"), None)
+    c = _student(
+        lambda: load_config_file("configs/cifar10_tdm.py"), teacher, os.fspath(tmp_path / "no_such_dir"), None
+    )
     assert c.student.data == "noise" and c.method == "tdm"
     c.train.num_steps = 2
     with caplog.at_level(logging.WARNING):
@@ -206,7 +211,7 @@ def test_data_free_tdm_needs_no_dataset_and_says_fid_is_off(teacher, tmp_path, c
 
 
 def test_wrong_dataset_or_setup_is_a_clear_error(data_dir, fid_files, tmp_path):
-    c = cifar10_rf_teacher.get_config()
+    c = load_config_file("configs/cifar10_rf_teacher.py")
     shrink(c, data_dir, None)
     c.testbed.name = "tfds:no_such_set"
     with pytest.raises(FileNotFoundError, match=r"tfds:no_such_set.*no_such_set"):
@@ -225,7 +230,7 @@ def test_wrong_dataset_or_setup_is_a_clear_error(data_dir, fid_files, tmp_path):
     c.model.sample_size = 32  # the network does not fit the images
     with pytest.raises(ValueError, match=r"\(32, 32, 3\).*\(8, 8, 3\)"):
         train_teacher(c, os.fspath(tmp_path / "e"))
-    s = cifar10_traflow.get_config()
+    s = load_config_file("configs/cifar10_traflow.py")
     shrink(s, data_dir, None)
     s.teacher.workdir = ""  # a real dataset has no analytic teacher to distil
     with pytest.raises(ValueError, match=r"teacher\.workdir"):

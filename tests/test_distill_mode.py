@@ -2,7 +2,7 @@
 
 import json
 
-from fewstep_jax.train.loop import distill
+from fewstep_jax.modes.distill import distill
 
 
 def test_distill_recipe_trains_scores_and_reports(tmp_path, monkeypatch):

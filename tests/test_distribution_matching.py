@@ -11,8 +11,8 @@ from fewstep_jax import models
 from fewstep_jax.losses import distribution_matching as dm
 from fewstep_jax.losses.api import LossInputs, get_factory
 from fewstep_jax.paths import DDPM, RectifiedFlow
+from fewstep_jax.schedules.tdm import TDMSchedule, make_schedule, step_intervals
 from fewstep_jax.students import Student, model_apply
-from fewstep_jax.tdm_schedule import TDMSchedule, make_schedule, step_intervals
 from fewstep_jax.teachers.analytic import gaussian_mixture_teacher, gmm_params
 from fewstep_jax.teachers.base import Teacher
 
@@ -300,18 +300,19 @@ def test_guard_config_keys():
 def test_exploding_normaliser_stops_training_naming_it(tmp_path, recipe):
     """A teacher whose targets are huge but finite (means x 1e6): with the default limits the
     run stops at step 0 naming '<term>/normalizer' and the hint; nothing else is non-finite."""
-    from configs.distill import get_config
     from fewstep_jax.data import NoiseSource
-    from fewstep_jax.testbeds import make_testbed
-    from fewstep_jax.train.loop import NonFiniteError, _distill_nets, train
+    from fewstep_jax.recipes import distill_config
+    from fewstep_jax.testbeds.exact import make_testbed
+    from fewstep_jax.train.loop import NonFiniteError, train
+    from fewstep_jax.train.networks import distill_nets
 
-    c = get_config(f"gmm8,{recipe},3")
+    c = distill_config("gmm8", recipe, 3)
     for m in (c.model, c.aux_nets.fake.model):
         m.width, m.num_layers, m.emb_dim = 16, 1, 8
     c.train.batch_size, c.train.main_start, c.optim.warmup_steps = 16, 0, 0
     tb = make_testbed("gmm8", "rf", num_reference=100)
     far = tb.teacher.replace(params={**tb.teacher.params, "means": tb.teacher.params["means"] * 1e6})
-    main, aux = _distill_nets(c, tb.teacher, tb.teacher.data_shape)
+    main, aux = distill_nets(c, tb.teacher, tb.teacher.data_shape)
     with pytest.raises(NonFiniteError, match=rf"step 0 .*'{recipe}/normalizer'.*max_normalizer") as e:
         train(
             c,

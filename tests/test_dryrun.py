@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from fewstep_jax import dryrun
-from fewstep_jax.dryrun import ACCELERATORS, Accelerator, dry_run, load_config_file, sharded_bytes
+from fewstep_jax.modes import dryrun
+from fewstep_jax.modes.dryrun import ACCELERATORS, Accelerator, dry_run, load_config_file, sharded_bytes
 
 # small networks of the same layout, so a compile takes seconds (full size: slow tests)
 SMALL = {"block_out_channels": (32, 32, 32, 32), "layers_per_block": 1, "attention_head_dim": 32}

@@ -1,37 +1,52 @@
-"""Export to PyTorch / import from diffusers: parity of networks and samplers, round trips, errors."""
+"""Export to PyTorch / import from diffusers: parity of networks and samplers, round trips, errors;
+writing an export without torch; diffusers loading the folder without a warning."""
 
+import contextlib
+import inspect
 import itertools
 import json
+import logging
 import os
 import re
+import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from test_main import blocker
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-from safetensors.torch import load_file  # noqa: E402
+from fewstep_jax.export import export_params, import_diffusers_unet
+from fewstep_jax.models import build_model, mlp_config, unet_config
+from fewstep_jax.paths import DDPM, RectifiedFlow
+from fewstep_jax.students import Student, model_apply
 
-from fewstep_jax.export import (  # noqa: E402
-    export_params,
-    import_diffusers_unet,
-    torch_models,
-    torch_sampler,
+try:  # the torch-free tests run without the extra too
+    import diffusers
+    import torch
+    from safetensors.torch import load_file
+
+    from fewstep_jax.export import torch_models, torch_sampler
+except ImportError:
+    torch = None
+needs_torch = pytest.mark.skipif(
+    torch is None, reason='needs the torch extra: pip install "fewstep-jax[torch]"'
 )
-from fewstep_jax.models import build_model, mlp_config, unet_config  # noqa: E402
-from fewstep_jax.paths import DDPM, RectifiedFlow  # noqa: E402
-from fewstep_jax.students import Student, model_apply  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 B = 3
 T = np.array([0.05, 0.5, 0.93], np.float32)
 LABEL = np.array([2, -1, 0], np.int32)
 FULL = dict(num_classes=3, use_s=True, use_guidance=True, num_step_classes=4)
-FULL_IN = dict(s=T * 0.5, label=LABEL, guidance=np.array([1.0, 4.0, 7.5], np.float32),
-               num_steps=np.array([0, 1, 3], np.int32))
+FULL_IN = dict(
+    s=T * 0.5,
+    label=LABEL,
+    guidance=np.array([1.0, 4.0, 7.5], np.float32),
+    num_steps=np.array([0, 1, 3], np.int32),
+)
 META = {"path": RectifiedFlow(), "prediction": "flow", "method": "test", "student_form": "euler"}
 
 
@@ -81,21 +96,32 @@ def jax_out(cfg, params, x, **cond):
 
 def torch_out(model, x, **cond):
     with torch.no_grad():
-        return from_torch(model(to_torch(x), torch.from_numpy(T), **{k: torch.from_numpy(np.asarray(v))
-                                                                      for k, v in cond.items()}))
+        return from_torch(
+            model(
+                to_torch(x),
+                torch.from_numpy(T),
+                **{k: torch.from_numpy(np.asarray(v)) for k, v in cond.items()},
+            )
+        )
 
 
-CASES = [("mlp", {}, {}), ("mlp", FULL, FULL_IN), ("unet", {}, {}), ("unet", FULL, FULL_IN),
-         ("unet", {"num_classes": 3}, {"label": LABEL})]
+CASES = [
+    ("mlp", {}, {}),
+    ("mlp", FULL, FULL_IN),
+    ("unet", {}, {}),
+    ("unet", FULL, FULL_IN),
+    ("unet", {"num_classes": 3}, {"label": LABEL}),
+]
 
 
 @pytest.mark.parametrize("kind,over,cond", CASES)
+@needs_torch
 def test_exported_network_matches_jax(tmp_path, kind, over, cond):
     cfg, x = tiny(kind, **over), x_of(kind)
     params = random_params(cfg, x)
     out = tmp_path / "exp"
     export_params(params, cfg, str(out), meta=dict(META, uses_s=bool(over.get("use_s"))))
-    assert {"config.json", "README.md", "torch_models.py", "torch_sampler.py"} <= set(os.listdir(out))
+    assert {"fewstep.json", "README.md", "torch_models.py", "torch_sampler.py"} <= set(os.listdir(out))
     model, _ = torch_models.load_exported(str(out))
     ref = jax_out(cfg, params, x, **cond)
     assert np.abs(ref).max() > 0.1
@@ -111,30 +137,36 @@ def test_exported_network_matches_jax(tmp_path, kind, over, cond):
     assert 0 < err < 0.05 * np.abs(ref).max()
 
 
+@needs_torch
 def test_exported_folder_is_self_contained(tmp_path):
     cfg, x = tiny("mlp"), x_of("mlp")
     params = random_params(cfg, x)
     meta = dict(META, sampler={"grid": [1.0, 0.5, 0.0], "gamma": 0.0})
     export_params(params, cfg, str(tmp_path / "e"), meta=meta)
     folder = str(tmp_path / "e")
-    code = (f"import sys, torch; sys.path.insert(0, {folder!r}); import torch_models, torch_sampler;"
-            f"assert 'jax' not in sys.modules; m, c = torch_models.load_exported({folder!r});"
-            "print(torch_sampler.sample_exported(m, c, torch.zeros(2, *c['input_shape'])).shape)")
+    code = (
+        f"import sys, torch; sys.path.insert(0, {folder!r}); import torch_models, torch_sampler;"
+        f"assert 'jax' not in sys.modules; m, c = torch_models.load_exported({folder!r});"
+        "print(torch_sampler.sample_exported(m, c, torch.zeros(2, *c['input_shape'])).shape)"
+    )
     import subprocess
 
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
     assert res.returncode == 0, res.stderr
     assert "torch.Size([2, 2])" in res.stdout
-    with open(os.path.join(folder, "config.json")) as f:
-        written = json.load(f)["fewstep"]
+    assert not os.path.exists(os.path.join(folder, "config.json"))  # not a diffusers folder
+    with open(os.path.join(folder, "fewstep.json")) as f:
+        written = json.load(f)
     assert written["path"] == {"name": "rf", "deriv_floor": 0.0}
     assert written["sampler"]["grid"] == [1.0, 0.5, 0.0] and written["method"] == "test"
     with open(os.path.join(folder, "README.md")) as f:
         assert "load_exported" in f.read()
 
 
-@pytest.mark.parametrize("form,path,pred,gamma", [("euler", RectifiedFlow(), "flow", 0.0),
-                                                  ("semilinear", DDPM(), "eps", 0.3)])
+@pytest.mark.parametrize(
+    "form,path,pred,gamma", [("euler", RectifiedFlow(), "flow", 0.0), ("semilinear", DDPM(), "eps", 0.3)]
+)
+@needs_torch
 def test_few_step_chain_matches_jax(tmp_path, form, path, pred, gamma):
     cfg, x1 = tiny("unet", use_s=True), x_of("unet", seed=5)
     params = random_params(cfg, x1, seed=1)
@@ -154,21 +186,33 @@ def test_few_step_chain_matches_jax(tmp_path, form, path, pred, gamma):
         return x
 
     ref = np.asarray(chain(params, x1))
-    meta = {"path": path, "prediction": pred, "student_form": form, "uses_s": True,
-            "sampler": {"grid": grid, "gamma": gamma}}
+    meta = {
+        "path": path,
+        "prediction": pred,
+        "student_form": form,
+        "uses_s": True,
+        "sampler": {"grid": grid, "gamma": gamma},
+    }
     export_params(params, cfg, str(tmp_path / "e"), meta=meta)
     model, fcfg = torch_models.load_exported(str(tmp_path / "e"))
-    out = torch_sampler.sample_exported(model, fcfg, to_torch(x1),
-                                        renoise_noise=[to_torch(z) for z in zs])
+    out = torch_sampler.sample_exported(model, fcfg, to_torch(x1), renoise_noise=[to_torch(z) for z in zs])
     assert np.abs(ref - x1).max() > 0.1
     np.testing.assert_allclose(from_torch(out), ref, atol=2e-4 * max(1.0, np.abs(ref).max()), rtol=0)
 
 
 def tiny_diffusers_unet(seed=0, **over):
     torch.manual_seed(seed)
-    kw = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
-              attention_head_dim=8, layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-              up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    kw = dict(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        attention_head_dim=8,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
     kw.update(over)
     unet = diffusers.UNet2DModel(**kw).eval()
     with torch.no_grad():  # zero-initialised layers would hide mapping mistakes
@@ -178,11 +222,13 @@ def tiny_diffusers_unet(seed=0, **over):
 
 
 @pytest.mark.parametrize("classes", [0, 4])
+@needs_torch
 def test_import_diffusers_unet_then_round_trip(tmp_path, classes):
     unet = tiny_diffusers_unet(num_class_embeds=classes or None)
     unet.save_pretrained(str(tmp_path / "unet"))
-    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                    prediction_type="v_prediction")
+    sched = diffusers.DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction"
+    )
     sched.save_config(str(tmp_path / "unet"))
     imp = import_diffusers_unet(str(tmp_path / "unet"))
     teacher = imp.teacher
@@ -192,15 +238,20 @@ def test_import_diffusers_unet_then_round_trip(tmp_path, classes):
     t = np.asarray(teacher.path.timestep_to_t(k))
     label = np.array([2, -1, 0], np.int32) if classes else None
     with torch.no_grad():
-        ref = unet(to_torch(x), torch.from_numpy(k),
-                   class_labels=torch.tensor([2, 3, 0]) if classes else None).sample
+        ref = unet(
+            to_torch(x), torch.from_numpy(k), class_labels=torch.tensor([2, 3, 0]) if classes else None
+        ).sample
     ours = np.asarray(teacher.predict(jnp.asarray(x), jnp.asarray(t), label))
     np.testing.assert_allclose(ours, from_torch(ref), atol=1e-4, rtol=0)
 
     # export back: the same tensors, bit for bit, and diffusers loads it
     out = str(tmp_path / "back")
-    export_params(imp.params, imp.model_cfg, out,
-                  meta={"path": teacher.path, "prediction": "v", "time_offset": imp.time_offset})
+    export_params(
+        imp.params,
+        imp.model_cfg,
+        out,
+        meta={"path": teacher.path, "prediction": "v", "time_offset": imp.time_offset},
+    )
     a = load_file(str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(os.path.join(out, "diffusion_pytorch_model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
@@ -208,24 +259,33 @@ def test_import_diffusers_unet_then_round_trip(tmp_path, classes):
     with torch.no_grad():
         np.testing.assert_array_equal(
             again(to_torch(x), 7, class_labels=torch.tensor([0, 1, 3]) if classes else None).sample.numpy(),
-            unet(to_torch(x), 7, class_labels=torch.tensor([0, 1, 3]) if classes else None).sample.numpy())
+            unet(to_torch(x), 7, class_labels=torch.tensor([0, 1, 3]) if classes else None).sample.numpy(),
+        )
 
 
+@needs_torch
 def test_t_only_unet_loads_in_diffusers_and_samples_with_its_schedulers(tmp_path):
     cfg, x = tiny("unet"), x_of("unet")
     params = random_params(cfg, x, seed=2)
     path = DDPM()
-    export_params(params, cfg, str(tmp_path / "e"), meta={"path": path, "prediction": "eps",
-                                                          "student_form": "semilinear"})
-    unet = diffusers.UNet2DModel.from_pretrained(str(tmp_path / "e")).eval()
+    export_params(
+        params,
+        cfg,
+        str(tmp_path / "e"),
+        meta={"path": path, "prediction": "eps", "student_form": "semilinear"},
+    )
+    with diffusers_warnings() as caught:
+        unet = load_unet2d(str(tmp_path / "e"))
+    assert caught == []  # config.json holds nothing UNet2DModel does not know
     with torch.no_grad():
         got = unet(to_torch(x), torch.from_numpy(T) * 1000.0).sample
     np.testing.assert_allclose(from_torch(got), jax_out(cfg, params, x), atol=1e-4, rtol=0)
 
     # DDIM (eta = 0), 4 steps in diffusers == our semilinear chain on t = (k + 1) / T, then t = 0.
     # Our network's time input is t * 1000 = k + 1, hence `timestep + 1`.
-    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                    clip_sample=False)
+    sched = diffusers.DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
+    )
     sched.set_timesteps(4)
     xt = to_torch(x)
     with torch.no_grad():
@@ -240,8 +300,10 @@ def test_t_only_unet_loads_in_diffusers_and_samples_with_its_schedulers(tmp_path
     tcd = diffusers.TCDScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     tcd.set_timesteps(4)
     ks = tcd.timesteps.numpy()
-    zs = [torch.from_numpy(np.random.default_rng(i).standard_normal(xt.shape).astype(np.float32))
-          for i in range(3)]
+    zs = [
+        torch.from_numpy(np.random.default_rng(i).standard_normal(xt.shape).astype(np.float32))
+        for i in range(3)
+    ]
     xt = to_torch(x)
     with torch.no_grad():
         for i, k in enumerate(tcd.timesteps):
@@ -263,6 +325,31 @@ def test_t_only_unet_loads_in_diffusers_and_samples_with_its_schedulers(tmp_path
     np.testing.assert_allclose(y.numpy(), xt.numpy(), atol=1e-4 * max(1.0, float(xt.abs().max())), rtol=0)
 
 
+@contextlib.contextmanager
+def diffusers_warnings():
+    """The warnings (Python's and diffusers' logger's, WARNING and above) raised in the block."""
+    caught: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            caught.append(record.getMessage())
+
+    handler, logger = Keep(logging.WARNING), logging.getLogger("diffusers")  # does not propagate
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as ws:
+            warnings.simplefilter("always")
+            yield caught
+        caught.extend(str(w.message) for w in ws)
+    finally:
+        logger.removeHandler(handler)
+
+
+def load_unet2d(folder):
+    # low_cpu_mem_usage=False: without `accelerate` installed diffusers warns when it falls back to it
+    return diffusers.UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).eval()
+
+
 class _PatchedRandn:
     """Make diffusers' randn_tensor return given noise (the re-noising draw of one TCD step)."""
 
@@ -279,6 +366,7 @@ class _PatchedRandn:
         self.mod.randn_tensor = self.orig
 
 
+@needs_torch
 def test_bad_inputs_raise_clear_errors(tmp_path):
     cfg, x = tiny("mlp"), x_of("mlp")
     params = random_params(cfg, x)
@@ -323,5 +411,185 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     torch.save({"w": object()}, str(tmp_path / "pickled.bin"))
     with pytest.raises(ValueError, match="weights_only"):
         import_diffusers_unet(str(tmp_path / "pickled.bin"), config=dcfg)
-    with pytest.raises(FileNotFoundError, match=re.escape("config.json")):
+    with pytest.raises(FileNotFoundError, match=re.escape("fewstep.json")):
         torch_models.load_exported(str(tmp_path))
+
+
+def write_legacy_layout(folder):
+    """Rewrites an exported folder as format_version 1 wrote it: no fewstep.json, the metadata in
+    config.json's "fewstep" block (beside UNet2DModel's kwargs in the diffusers layout)."""
+    meta_file, config_file = os.path.join(folder, "fewstep.json"), os.path.join(folder, "config.json")
+    with open(meta_file) as f:
+        meta = dict(json.load(f), format_version=1)
+    config = {}
+    if os.path.exists(config_file):
+        with open(config_file) as f:
+            config = json.load(f)
+    with open(config_file, "w") as f:
+        json.dump(dict(config, fewstep=meta), f)
+    os.remove(meta_file)
+
+
+@needs_torch
+@pytest.mark.parametrize("kind", ["mlp", "unet"])
+def test_folders_of_the_previous_layout_still_load(tmp_path, kind):
+    cfg, x = tiny(kind), x_of(kind)
+    params = random_params(cfg, x, seed=4)
+    folder = str(tmp_path / "old")
+    export_params(params, cfg, folder, meta=META)
+    write_legacy_layout(folder)
+    model, meta = torch_models.load_exported(folder)
+    assert meta["format_version"] == 1 and meta["architecture"] == kind
+    np.testing.assert_allclose(torch_out(model, x), jax_out(cfg, params, x), atol=1e-4, rtol=0)
+    if kind == "unet":  # what the layout change fixes, and the capture above can see it
+        with diffusers_warnings() as caught:
+            load_unet2d(folder)
+        assert any("fewstep" in w for w in caught), caught
+
+
+@needs_torch
+def test_diffusers_config_has_only_unet2dmodel_keys(tmp_path):
+    cfg, x = tiny("unet", num_classes=3), x_of("unet")
+    export_params(random_params(cfg, x), cfg, str(tmp_path / "e"), meta=META)
+    with open(tmp_path / "e" / "config.json") as f:
+        config = json.load(f)
+    known = set(inspect.signature(diffusers.UNet2DModel.__init__).parameters) - {"self"}
+    assert set(config) - known == {"_class_name", "_diffusers_version"}
+    assert config["_diffusers_version"] == diffusers.__version__ and config["num_class_embeds"] == 4
+
+
+NO_TORCH_CASES = [
+    ("mlp", "mlp", FULL, "float32"),
+    ("unet", "unet", {}, "float32"),
+    ("unet16", "unet", {}, "bfloat16"),
+]
+
+
+def torch_layout(params) -> dict[str, np.ndarray]:
+    """{Flax path: array in torch layout}: Dense kernels (in, out) -> (out, in), conv HWIO -> OIHW."""
+    out = {}
+    for path, v in traverse_util.flatten_dict(params).items():
+        v = np.asarray(v, np.float32)
+        out[path] = v.transpose(3, 2, 0, 1) if v.ndim == 4 else (v.T if path[-1] == "kernel" else v)
+    return out
+
+
+def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, rounding to nearest even (finite values)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def read_safetensors_raw(path) -> dict[str, tuple[str, np.ndarray]]:
+    """{key: (dtype name, raw bytes as uint8)} from the safetensors format itself (8-byte header
+    length, JSON header, data): safetensors.numpy cannot read bfloat16."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    header.pop("__metadata__", None)
+    data = blob[8 + n :]
+    return {
+        k: (h["dtype"], np.frombuffer(data[slice(*h["data_offsets"])], np.uint8)) for k, h in header.items()
+    }
+
+
+def export_without_torch(root: str) -> dict:
+    """Run by the test below in a process where torch and diffusers cannot be imported: exports,
+    reads the weights back with safetensors.numpy (or raw, for bfloat16) and tries the self-check."""
+    from safetensors.numpy import load_file as load_np
+
+    from fewstep_jax.errors import UserError
+    from fewstep_jax.export.check import check_export
+    from fewstep_jax.models import diffusers_key
+
+    report = {}
+    for name, kind, over, dtype in NO_TORCH_CASES:
+        cfg, x = tiny(kind, **over), x_of(kind)
+        params = random_params(cfg, x)
+        folder = os.path.join(root, name)
+        export_params(params, cfg, folder, meta=META, dtype=dtype)
+        with open(os.path.join(folder, "fewstep.json")) as f:
+            meta = json.load(f)
+        weights = os.path.join(folder, meta["weights"])
+        want = {diffusers_key(p): v for p, v in torch_layout(params).items()}
+        if dtype == "float32":
+            got = load_np(weights)
+            assert set(got) == set(want)
+            for k, v in want.items():
+                np.testing.assert_array_equal(got[k], v, err_msg=k)
+        else:
+            raw = read_safetensors_raw(weights)
+            assert set(raw) == set(want)
+            for k, v in want.items():
+                assert raw[k][0] == "BF16"
+                np.testing.assert_array_equal(raw[k][1].view(np.uint16).reshape(v.shape), bfloat16_bits(v), k)
+        config = None
+        if os.path.exists(os.path.join(folder, "config.json")):
+            with open(os.path.join(folder, "config.json")) as f:
+                config = json.load(f)
+        try:
+            check_export(folder, params, cfg)
+            hint = None
+        except UserError as e:
+            hint = str(e)
+        report[name] = {"files": sorted(os.listdir(folder)), "meta": meta, "config": config, "hint": hint}
+    report["imported"] = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "diffusers"})
+    return report
+
+
+def test_export_needs_no_torch(tmp_path):
+    code = blocker(("torch", "diffusers")) + (
+        "import json, sys; sys.path.insert(0, 'tests'); import test_export;"
+        f"print(json.dumps(test_export.export_without_torch({str(tmp_path)!r})))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report.pop("imported") == []
+    for name, kind, over, dtype in NO_TORCH_CASES:
+        got = report[name]
+        diffusers_layout = kind == "unet" and not over
+        weights = "diffusion_pytorch_model.safetensors" if diffusers_layout else "model.safetensors"
+        assert got["files"] == sorted(
+            ["README.md", "fewstep.json", weights, "torch_models.py", "torch_sampler.py"]
+            + (["config.json"] if diffusers_layout else [])
+        )
+        meta = got["meta"]
+        assert (meta["architecture"], meta["dtype"], meta["weights"]) == (kind, dtype, weights)
+        assert meta["format_version"] == 2 and meta["prediction"] == "flow" and meta["method"] == "test"
+        assert meta["data_shape"] == ([2] if kind == "mlp" else [8, 8, 1])
+        if diffusers_layout:
+            assert got["config"]["_class_name"] == "UNet2DModel" and "fewstep" not in got["config"]
+            assert got["config"]["block_out_channels"] == [8, 16]
+            if torch is not None:  # the installed diffusers knows every key
+                known = set(inspect.signature(diffusers.UNet2DModel.__init__).parameters)
+                assert set(got["config"]) - known == {"_class_name", "_diffusers_version"}
+        # the self-check needs torch: one line naming the extra
+        assert got["hint"].count("\n") == 0 and 'pip install "fewstep-jax[torch]"' in got["hint"], got["hint"]
+        assert "self-check" in got["hint"] and "torch" in got["hint"]
+
+
+@needs_torch
+@pytest.mark.parametrize("kind,over", [("mlp", FULL), ("unet", {"num_classes": 3})])
+def test_self_check_passes_on_an_export_and_fails_on_altered_weights(tmp_path, kind, over):
+    from safetensors.torch import save_file
+
+    from fewstep_jax.export.check import check_export
+
+    cfg, x = tiny(kind, **over), x_of(kind)
+    params = random_params(cfg, x, seed=6)
+    folder = str(tmp_path / "e")
+    export_params(params, cfg, folder, meta=META)
+    assert check_export(folder, params, cfg) < 1e-4
+    export_params(params, cfg, folder, meta=META, dtype="bfloat16", overwrite=True)
+    assert check_export(folder, params, cfg) > 0  # within the bfloat16 tolerance
+    export_params(params, cfg, folder, meta=META, overwrite=True)
+    with open(os.path.join(folder, "fewstep.json")) as f:
+        weights = os.path.join(folder, json.load(f)["weights"])
+    state = load_file(weights)
+    key = next(k for k in sorted(state) if k.endswith("emb_proj.weight") or k.endswith("conv1.weight"))
+    state[key] = state[key] * 1.5
+    save_file(state, weights)
+    with pytest.raises(ValueError, match="differs from the JAX network"):
+        check_export(folder, params, cfg)

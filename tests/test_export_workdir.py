@@ -1,4 +1,6 @@
-"""Export of a trained workdir (mode ``export``): loads in plain PyTorch, samples like JAX, errors."""
+"""Export of a trained workdir (mode ``export``): loads in plain PyTorch, samples like JAX, records
+no local path, errors; the command line without torch (the export works, the self-check says what
+to install)."""
 
 import json
 import os
@@ -8,22 +10,30 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from test_main import cli, error_line, finish
 
-torch = pytest.importorskip("torch")
+from fewstep_jax import samplers
+from fewstep_jax.export.workdir import export_from_workdir, load_run_params
+from fewstep_jax.main import save_config
+from fewstep_jax.modes.export import run as run_export
+from fewstep_jax.modes.sample import run_student
 
-from fewstep_jax import samplers  # noqa: E402
-from fewstep_jax.export import torch_models, torch_sampler  # noqa: E402
-from fewstep_jax.export.workdir import export_from_workdir, load_run_params, run_export  # noqa: E402
-from fewstep_jax.main import save_config  # noqa: E402
-from fewstep_jax.sample_mode import run_student  # noqa: E402
+try:  # the tests without torch run without the extra too
+    import torch
+
+    from fewstep_jax.export import torch_models, torch_sampler
+except ImportError:
+    torch = None
+needs_torch = pytest.mark.skipif(
+    torch is None, reason='needs the torch extra: pip install "fewstep-jax[torch]"'
+)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, monkeypatch_module):
     """A tiny traflow distillation of gmm8 (12 steps), its config.json written as main does."""
-    monkeypatch_module.syspath_prepend(".")
     from fewstep_jax.bench.distill import load_distill_config
-    from fewstep_jax.train.loop import distill
+    from fewstep_jax.modes.distill import distill
 
     wd = tmp_path_factory.mktemp("run")
     c = load_distill_config(
@@ -53,26 +63,25 @@ def monkeypatch_module():
 
 
 def export_config(out, **over):
-    import sys
+    from fewstep_jax.modes.dryrun import load_config_file
 
-    sys.path.insert(0, os.getcwd())
-    from configs.export import get_config
-
-    c = get_config()
+    c = load_config_file("configs/export.py")
     c.export.out = str(out)
     c.export.update(over)
     return c
 
 
+@needs_torch
 def test_exported_student_samples_like_jax(run, tmp_path):
     c, wd = run
     out = tmp_path / "exp"
     run_export(export_config(out), str(wd))
-    cfg_all = json.loads((out / "config.json").read_text())["fewstep"]
+    cfg_all = json.loads((out / "fewstep.json").read_text())
     assert cfg_all["method"] == "traflow" and cfg_all["prediction"] == c.student.prediction
     assert cfg_all["student_form"] == c.student.form and cfg_all["uses_s"] is True
     assert cfg_all["sampler"]["grid"] == [1.0, 0.5, 0.0] and cfg_all["sampler"]["gamma"] == 0.0
     assert cfg_all["checkpoint_step"] == 12 and cfg_all["ema"] == "eval"
+    assert cfg_all["source_run"] == wd.name
     assert "load_exported" in (out / "README.md").read_text()
 
     model, cfg = torch_models.load_exported(str(out))
@@ -100,7 +109,7 @@ def test_ema_choice_and_dtype(run, tmp_path):
     with pytest.raises(ValueError, match="ema must be one of"):
         export_from_workdir(wd, tmp_path / "t", ema="online")
     run_export(export_config(tmp_path / "bf", dtype="bfloat16", ema="raw", nfe=4, gamma=0.5), str(wd))
-    cfg = json.loads((tmp_path / "bf" / "config.json").read_text())["fewstep"]
+    cfg = json.loads((tmp_path / "bf" / "fewstep.json").read_text())
     assert cfg["dtype"] == "bfloat16" and cfg["ema"] == "raw"
     assert cfg["sampler"]["grid"] == [1.0, 0.75, 0.5, 0.25, 0.0] and cfg["sampler"]["gamma"] == 0.5
 
@@ -112,9 +121,9 @@ def test_existing_folder_is_kept_unless_overwrite(run, tmp_path):
     (out / "mine.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="exp"):
         run_export(export_config(out), str(wd))
-    assert not (out / "config.json").exists()
+    assert not (out / "fewstep.json").exists()
     run_export(export_config(out, overwrite=True), str(wd))
-    assert (out / "config.json").exists()
+    assert (out / "fewstep.json").exists()
 
 
 def test_missing_checkpoint_and_config_are_clear_errors(run, tmp_path):
@@ -167,4 +176,51 @@ def test_export_command_line_keeps_the_runs_config(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (run / "config.json").read_text() == before
-    assert (run / "export_config.json").exists() and (out / "config.json").exists()
+    assert (run / "export_config.json").exists() and (out / "fewstep.json").exists()
+
+
+def strings(tree):
+    """Every string of a JSON tree, keys included."""
+    if isinstance(tree, dict):
+        return [s for k, v in tree.items() for s in [k, *strings(v)]]
+    if isinstance(tree, list):
+        return [s for v in tree for s in strings(v)]
+    return [tree] if isinstance(tree, str) else []
+
+
+@needs_torch
+def test_export_records_no_local_path_and_passes_its_self_check(run, tmp_path, capsys):
+    """The folder is for other machines: nothing in it names where the run was trained."""
+    _, wd = run
+    out = tmp_path / "exp"
+    run_export(export_config(out, check=True), str(wd))
+    assert "self-check passed" in capsys.readouterr().out
+    machine = [str(wd.parent), os.path.expanduser("~"), os.getcwd()]
+    for name in sorted(os.listdir(out)):
+        text = (out / name).read_text()
+        absolute = (
+            [s for s in strings(json.loads(text)) if s.startswith("/")] if name.endswith(".json") else []
+        )
+        assert absolute == [] and not any(m in text for m in machine), (name, absolute)
+
+
+def test_command_line_export_without_torch(run, tmp_path):
+    _, wd = run
+    no_torch, out = ("torch", "diffusers"), tmp_path / "exported"
+    args = ["--config=configs/export.py", f"--workdir={wd}"]
+    (r,) = finish([cli([*args, f"--config.export.out={out}"], block=no_torch)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    from safetensors.numpy import load_file
+
+    params, _ = load_run_params(wd, "eval")
+    w = load_file(str(out / "model.safetensors"))["output_proj.weight"]
+    np.testing.assert_array_equal(w, np.asarray(params["output_proj"]["kernel"]).T)
+    assert json.loads((out / "fewstep.json").read_text())["method"] == "traflow"
+    # the self-check needs torch: one line naming the extra, before anything is written
+    checked = tmp_path / "checked"
+    (r,) = finish(
+        [cli([*args, f"--config.export.out={checked}", "--config.export.check=True"], block=no_torch)]
+    )
+    line = error_line(r)
+    assert 'pip install "fewstep-jax[torch]"' in line and "self-check" in line
+    assert not checked.exists()

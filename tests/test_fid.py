@@ -16,8 +16,8 @@ import pytest
 import scipy.linalg
 from jax.sharding import Mesh
 
-from fewstep_jax.evaluation import fid as fid_lib
-from fewstep_jax.evaluation import inception as inc
+from fewstep_jax.metrics import fid as fid_lib
+from fewstep_jax.metrics import inception as inc
 
 SMALL = 107  # smallest cheap size at which the E blocks still see a 2x2 grid (pools matter there)
 _apply = jax.jit(inc.inception_apply)
@@ -419,8 +419,19 @@ def test_fid_commands_end_to_end(converted, tmp_path):
     imgs = np.random.default_rng(3).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", arr_0=imgs)
     stats = tmp_path / "ref.npz"
-    fid_lib.main(["stats", "--inception", str(weights), "--images", str(tmp_path / "samples.npz"),
-                  "--out", str(stats), "--batch-size", "8"])
+    fid_lib.main(
+        [
+            "stats",
+            "--inception",
+            str(weights),
+            "--images",
+            str(tmp_path / "samples.npz"),
+            "--out",
+            str(stats),
+            "--batch-size",
+            "8",
+        ]
+    )
     mu, sigma = fid_lib.load_reference_stats(stats)
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
     params = inc.load_inception_params(weights)

@@ -64,11 +64,13 @@ def random_params(cfg, x, seed=0, **cond):
 
     return model, jax.tree_util.tree_map_with_path(fill, shapes)
 
+
 X_MLP = jax.random.normal(jax.random.PRNGKey(2), (B, 2))
 X_IMG = jax.random.normal(jax.random.PRNGKey(3), (B, 8, 8, 1))
 FULL = dict(num_classes=3, use_s=True, use_guidance=True, num_step_classes=4)
-FULL_INPUTS = dict(s=T * 0.5, label=LABEL, guidance=jnp.array([1.0, 4.0, 7.5]),
-                   num_steps=jnp.array([0, 1, 3]))
+FULL_INPUTS = dict(
+    s=T * 0.5, label=LABEL, guidance=jnp.array([1.0, 4.0, 7.5]), num_steps=jnp.array([0, 1, 3])
+)
 
 
 def jit_apply(model, **static):
@@ -85,10 +87,12 @@ def test_output_shapes_with_all_conditioning(kind):
     assert out.shape == x.shape and out.dtype == jnp.float32
     # Scalar t / s / guidance / num_steps broadcast to (B,).
     scalar = dict(s=0.25, label=LABEL, guidance=3.0, num_steps=2)
-    vector = dict(s=jnp.full((B,), 0.25), label=LABEL, guidance=jnp.full((B,), 3.0),
-                  num_steps=jnp.full((B,), 2))
-    np.testing.assert_allclose(apply(params, x, 0.5, **scalar),
-                               apply(params, x, jnp.full((B,), 0.5), **vector), rtol=1e-6)
+    vector = dict(
+        s=jnp.full((B,), 0.25), label=LABEL, guidance=jnp.full((B,), 3.0), num_steps=jnp.full((B,), 2)
+    )
+    np.testing.assert_allclose(
+        apply(params, x, 0.5, **scalar), apply(params, x, jnp.full((B,), 0.5), **vector), rtol=1e-6
+    )
     flat = traverse_util.flatten_dict(params)
     for branch in ("s_embedding", "class_embedding", "num_steps_embedding"):
         assert any(p[0] == branch for p in flat)
@@ -196,8 +200,9 @@ def test_param_keys_and_shapes_match_diffusers(torch_twin):
 def test_mnist_preset_keys_match_diffusers():
     diffusers = pytest.importorskip("diffusers")
     cfg = unet_config("mnist")
-    shapes = jax.eval_shape(build_model(cfg).init, jax.random.PRNGKey(0),
-                            jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,)))["params"]
+    shapes = jax.eval_shape(
+        build_model(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,))
+    )["params"]
     ours = to_diffusers_state_dict(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes))
     theirs = diffusers.UNet2DModel(**diffusers_config(cfg)).state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
@@ -208,11 +213,15 @@ def test_numerical_parity_with_diffusers(torch_twin):
     ref.load_state_dict({k: torch.from_numpy(v) for k, v in to_diffusers_state_dict(params).items()})
     out = np.asarray(jit_apply(model)(params, X_IMG, T, label=LABEL))
     with torch.no_grad():
-        ref_out = ref(
-            torch.from_numpy(np.array(X_IMG)).permute(0, 3, 1, 2),
-            torch.from_numpy(np.array(T)) * 1000.0,  # time_scale
-            class_labels=torch.tensor([2, 3, 0]),  # label -1 -> null row 3
-        ).sample.permute(0, 2, 3, 1).numpy()
+        ref_out = (
+            ref(
+                torch.from_numpy(np.array(X_IMG)).permute(0, 3, 1, 2),
+                torch.from_numpy(np.array(T)) * 1000.0,  # time_scale
+                class_labels=torch.tensor([2, 3, 0]),  # label -1 -> null row 3
+            )
+            .sample.permute(0, 2, 3, 1)
+            .numpy()
+        )
     assert np.abs(out).max() > 0.1
     assert np.abs(out - ref_out).max() < 1e-4
 
@@ -222,8 +231,9 @@ def test_timestep_embedding_matches_diffusers():
     from diffusers.models.embeddings import get_timestep_embedding
 
     ts = np.array([0.0, 1.5, 250.0, 999.0], np.float32)
-    ref = get_timestep_embedding(torch.from_numpy(ts), 32, flip_sin_to_cos=True,
-                                 downscale_freq_shift=0).numpy()
+    ref = get_timestep_embedding(
+        torch.from_numpy(ts), 32, flip_sin_to_cos=True, downscale_freq_shift=0
+    ).numpy()
     np.testing.assert_allclose(timestep_embedding(jnp.asarray(ts), 32), ref, atol=1e-5)
 
 
@@ -231,9 +241,12 @@ def test_guidance_embedding_is_lcm_formula():
     emb = np.asarray(guidance_scale_embedding(jnp.array([0.0, 0.7]), 16))
     np.testing.assert_array_equal(emb[0], np.r_[np.zeros(8), np.ones(8)])
     # LCM: frequencies 10000 ** (-k / (half - 1)) applied to w * 1000, [sin, cos].
-    np.testing.assert_allclose(emb[1, [0, 7, 8, 15]],
-                               [np.sin(700.0), np.sin(0.07), np.cos(700.0), np.cos(0.07)],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        emb[1, [0, 7, 8, 15]],
+        [np.sin(700.0), np.sin(0.07), np.cos(700.0), np.cos(0.07)],
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_bf16_compute_keeps_fp32_params_and_output():
@@ -260,9 +273,14 @@ def test_jit_matches_eager_and_dropout_only_in_train():
 
 def test_bad_configs_and_inputs_raise():
     with pytest.raises(ValueError, match="sample_size=28"):
-        build_model(tiny_unet_config(sample_size=28, block_out_channels=(8, 16, 16, 16),
-                                     down_block_types=("DownBlock2D",) * 4,
-                                     up_block_types=("UpBlock2D",) * 4))
+        build_model(
+            tiny_unet_config(
+                sample_size=28,
+                block_out_channels=(8, 16, 16, 16),
+                down_block_types=("DownBlock2D",) * 4,
+                up_block_types=("UpBlock2D",) * 4,
+            )
+        )
     with pytest.raises(ValueError, match="widht"):
         build_model(tiny_mlp_config(widht=3))
     with pytest.raises(ValueError, match="name"):

@@ -8,17 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import gmm8_teacher
 from fewstep_jax import solvers
 from fewstep_jax.losses import api
 from fewstep_jax.models import build_model
+from fewstep_jax.modes.distill import distill
+from fewstep_jax.modes.dryrun import load_config_file
+from fewstep_jax.modes.train_teacher import train_teacher
+from fewstep_jax.runs import writers
 from fewstep_jax.teachers.neural import load_teacher_from_workdir
-from fewstep_jax.train import writers
-from fewstep_jax.train.loop import distill, train_teacher
 
 
 def tiny_config():
-    c = gmm8_teacher.get_config()
+    c = load_config_file("configs/gmm8_teacher.py")
     c.model.width, c.model.num_layers, c.model.emb_dim = 32, 1, 16
     c.train.num_steps, c.train.batch_size, c.train.log_every = 4, 64, 2
     c.train.checkpoint_every, c.train.async_checkpoints = 2, False

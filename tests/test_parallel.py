@@ -88,8 +88,12 @@ def test_make_mesh_shapes_and_axis_types():
 
 @pytest.mark.parametrize(
     ("data", "fsdp", "match"),
-    [(3, 1, "data=3 x fsdp=1 = 3 devices, but there are 8"), (-1, 3, "3 does not divide the 8"),
-     (2, 2, "= 4 devices, but there are 8"), (0, 1, "data=0")],
+    [
+        (3, 1, "data=3 x fsdp=1 = 3 devices, but there are 8"),
+        (-1, 3, "3 does not divide the 8"),
+        (2, 2, "= 4 devices, but there are 8"),
+        (0, 1, "data=0"),
+    ],
 )
 def test_make_mesh_rejects_bad_shapes(data, fsdp, match):
     with pytest.raises(ValueError, match=match):
@@ -103,11 +107,13 @@ def test_param_sharding_rules():
         "small": np.zeros((4, 4), np.float32),
         "step": np.zeros((), np.int32),
     }
-    specs = {
-        k: s.spec for k, s in parallel.param_sharding(tree, parallel.make_mesh(2, 4)).items()
+    specs = {k: s.spec for k, s in parallel.param_sharding(tree, parallel.make_mesh(2, 4)).items()}
+    assert specs == {
+        "big": PartitionSpec(None, "fsdp", None),
+        "odd": PartitionSpec(),
+        "small": PartitionSpec(),
+        "step": PartitionSpec(),
     }
-    assert specs == {"big": PartitionSpec(None, "fsdp", None), "odd": PartitionSpec(),
-                     "small": PartitionSpec(), "step": PartitionSpec()}
     replicated = parallel.param_sharding(tree, parallel.make_mesh(8, 1))
     assert all(s.is_fully_replicated for s in jax.tree.leaves(replicated))
 

@@ -137,11 +137,11 @@ def test_ddpm_linear_is_diffusers_linear_schedule():
 
 
 def test_tcd_recipe_trains_on_the_linear_ddpm_path(tmp_path):
-    from configs.distill import get_config
-    from fewstep_jax.train.loop import distill
-    from fewstep_jax.train.writers import read_metrics
+    from fewstep_jax.modes.distill import distill
+    from fewstep_jax.recipes import distill_config
+    from fewstep_jax.runs.writers import read_metrics
 
-    c = get_config("gmm8,tcd,3")
+    c = distill_config("gmm8", "tcd", 3)
     c.testbed.path = "ddpm_linear"  # the recipe keeps a non-rf path
     c.model.width, c.model.num_layers, c.model.emb_dim = 16, 1, 8
     c.train.batch_size, c.train.log_every, c.testbed.num_reference = 16, 1, 100

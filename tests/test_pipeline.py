@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from configs import default
-from configs.recipes import RECIPES
-from fewstep_jax import pipeline
 from fewstep_jax.main import resolve_mode
-from fewstep_jax.train import writers
+from fewstep_jax.modes import pipeline
+from fewstep_jax.modes.dryrun import load_config_file
+from fewstep_jax.recipes import RECIPES
+from fewstep_jax.runs import writers
 
 STEPS = 6
 
 
 def tiny_config():
-    c = default.get_config()
+    c = load_config_file("configs/default.py")
     c.pipeline.steps = STEPS
     c.pipeline.batch_size = 32
     c.pipeline.trajectory_samples = 20
@@ -57,7 +57,7 @@ def table_rows(workdir: Path) -> list[list[str]]:
 
 
 def test_default_config_is_the_pipeline_of_every_existing_method():
-    c = default.get_config()
+    c = load_config_file("configs/default.py")
     assert c.mode == "pipeline" and c.testbed.name == "gmm8" and not c.teacher.workdir
     methods, skipped = pipeline.available_methods(c)
     assert methods == tuple(m for m in ("traflow", "tcd", "tdm") if m in RECIPES)

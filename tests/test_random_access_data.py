@@ -8,8 +8,6 @@ import os
 import numpy as np
 import pytest
 
-from configs import cifar10_rf_teacher
-from fewstep_jax import data_testbed
 from fewstep_jax.data import (
     ArraySource,
     RandomAccessSource,
@@ -18,9 +16,11 @@ from fewstep_jax.data import (
     tfds_data_source,
     tfds_image_info,
 )
-from fewstep_jax.data_testbed import make_dataset_testbed
-from fewstep_jax.train import writers
-from fewstep_jax.train.loop import train_teacher
+from fewstep_jax.modes.dryrun import load_config_file
+from fewstep_jax.modes.train_teacher import train_teacher
+from fewstep_jax.runs import writers
+from fewstep_jax.testbeds import dataset as dataset_testbed
+from fewstep_jax.testbeds.dataset import make_dataset_testbed
 from tests.tfds_local import build_image_dataset
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -153,8 +153,16 @@ def test_duplicate_index_in_a_straddling_batch_is_read_once():
     assert len(set(idx.tolist())) == 3
     batch = src.batch(0)
     assert counting.calls == [[0, 1, 2]]
-    ref = ArraySource(image_arrays({"image": np.stack([r["image"] for r in _records()[:3]]),
-                                    "label": np.arange(3) % N_CLASSES}, "image", "label", "t"), 4, 0)
+    ref = ArraySource(
+        image_arrays(
+            {"image": np.stack([r["image"] for r in _records()[:3]]), "label": np.arange(3) % N_CLASSES},
+            "image",
+            "label",
+            "t",
+        ),
+        4,
+        0,
+    )
     _assert_same(batch, ref.batch(0))
 
 
@@ -173,7 +181,7 @@ def test_bad_container_or_records_are_clear_errors():
 
 
 def _config(data_dir: str, in_memory: bool):
-    c = cifar10_rf_teacher.get_config()
+    c = load_config_file("configs/cifar10_rf_teacher.py")
     c.testbed.name, c.testbed.data_dir, c.testbed.in_memory = "tfds:tiny_ar", data_dir, in_memory
     return c
 
@@ -193,7 +201,7 @@ def test_testbed_metadata_and_choice_of_source(ar_dir, tfrecord_dir, monkeypatch
 
     # in_memory=True: small splits in memory, large ones (over the limit) by index
     assert isinstance(make_dataset_testbed(_config(ar_dir, True)).source(True, 8, 0, 0, 1), ArraySource)
-    monkeypatch.setattr(data_testbed, "IN_MEMORY_MAX_BYTES", info.float32_bytes - 1)
+    monkeypatch.setattr(dataset_testbed, "IN_MEMORY_MAX_BYTES", info.float32_bytes - 1)
     big = make_dataset_testbed(_config(ar_dir, True))
     assert isinstance(big.source(True, 8, 0, 0, 1), RandomAccessSource)
 
@@ -221,8 +229,8 @@ def test_training_reads_batches_by_index(ar_dir, tmp_path, monkeypatch):
             steps_read.append(step)
             return super().batch(step)
 
-    monkeypatch.setattr(data_testbed, "RandomAccessSource", Recording)
-    c = cifar10_rf_teacher.get_config()
+    monkeypatch.setattr(dataset_testbed, "RandomAccessSource", Recording)
+    c = load_config_file("configs/cifar10_rf_teacher.py")
     shrink(c, ar_dir, None)
     c.testbed.name, c.testbed.in_memory = "tfds:tiny_ar", False
     c.train.num_steps, c.train.log_every, c.train.checkpoint_every = 2, 1, 2

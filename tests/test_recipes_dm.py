@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.distill import get_config
-from configs.recipes.distribution_matching import RECIPES
 from fewstep_jax.data import NoiseSource
 from fewstep_jax.evaluation.distill_eval import steps_kw_fn
-from fewstep_jax.testbeds import make_testbed
-from fewstep_jax.train.loop import NonFiniteError, _bad_terms, _distill_nets, train
+from fewstep_jax.recipes import distill_config
+from fewstep_jax.recipes.distribution_matching import RECIPES
+from fewstep_jax.testbeds.exact import make_testbed
+from fewstep_jax.train.loop import NonFiniteError, _bad_terms, train
+from fewstep_jax.train.networks import distill_nets
 from fewstep_jax.train.state import create_state
 from fewstep_jax.train.step import build_terms, make_step_fn
 
@@ -19,7 +20,7 @@ DM = ("tdm", "tdm_k1", "tdm_k2", "tdm_unify", "tdm_unify_l2", "dmd", "dmd2")
 
 
 def _small(recipe, steps=6, main_start=None):
-    c = get_config(f"gmm8,{recipe},{steps}")
+    c = distill_config("gmm8", recipe, steps)
     for m in (c.model, c.aux_nets.fake.model):
         m.width, m.num_layers, m.emb_dim = 16, 1, 8
     c.train.batch_size = 16
@@ -33,7 +34,7 @@ def _small(recipe, steps=6, main_start=None):
 @pytest.mark.parametrize("recipe", DM)
 def test_recipe_configs_resolve_into_terms(recipe):
     assert set(DM) <= set(RECIPES)
-    c = get_config(f"gmm8,{recipe},1000")
+    c = distill_config("gmm8", recipe, 1000)
     assert c.method == recipe and c.student.data == "noise" and c.student.form == "semilinear"
     fake = c.aux_nets.fake
     assert fake.optim.lr == pytest.approx(5 * c.optim.lr)
@@ -42,7 +43,7 @@ def test_recipe_configs_resolve_into_terms(recipe):
     assert c.train.main_start == 100  # analytic teacher: 10% fake-only warm-up
     assert c.train.main_every == (5 if recipe == "dmd2" else 1)
     tb = make_testbed("gmm8", "rf", num_reference=100)
-    main, aux = _distill_nets(c, tb.teacher, tb.teacher.data_shape)
+    main, aux = distill_nets(c, tb.teacher, tb.teacher.data_shape)
     gen = build_terms(c.losses, main.student, "config.losses")  # unknown keys would raise
     fk = build_terms(fake.losses, aux["fake"].student, "fake.losses")
     assert [t.name for t in gen] == (["dmd"] if recipe.startswith("dmd") else ["tdm"])
@@ -50,17 +51,17 @@ def test_recipe_configs_resolve_into_terms(recipe):
 
 
 def test_unify_conditions_student_fake_and_sampler_on_k():
-    c = get_config("gmm8,tdm_unify")
+    c = distill_config("gmm8", "tdm_unify")
     assert c.model.num_step_classes == 3 == c.aux_nets.fake.model.num_step_classes
     assert tuple(c.losses.tdm.num_steps) == (1, 2, 4) == tuple(c.aux_nets.fake.losses.tdm_fake.num_steps)
     kw = steps_kw_fn(c)
     assert [int(kw(n)["num_steps"]) for n in (1, 2, 4)] == [0, 1, 2] and kw(8) is None
-    assert steps_kw_fn(get_config("gmm8,tdm")) is None  # fixed K: no step condition
+    assert steps_kw_fn(distill_config("gmm8", "tdm")) is None  # fixed K: no step condition
 
 
 @pytest.mark.parametrize("name", ["tdm", "tdm_k1", "tdm_k2", "tdm_unify"])
 def test_l2_variant_differs_only_in_the_distance(name):
-    huber, l2 = get_config(f"gmm8,{name}").to_dict(), get_config(f"gmm8,{name}_l2").to_dict()
+    huber, l2 = distill_config("gmm8", name).to_dict(), distill_config("gmm8", f"{name}_l2").to_dict()
     assert huber["losses"]["tdm"].pop("distance") == "pseudo_huber"
     assert l2["losses"]["tdm"].pop("distance") == "l2"
     huber.pop("method"), l2.pop("method")
@@ -70,7 +71,7 @@ def test_l2_variant_differs_only_in_the_distance(name):
 def test_fake_warms_up_alone_before_the_generator_starts():
     c = _small("tdm_unify", steps=10, main_start=2)
     tb = make_testbed("gmm8", "rf", num_reference=100)
-    main, aux = _distill_nets(c, tb.teacher, tb.teacher.data_shape)
+    main, aux = distill_nets(c, tb.teacher, tb.teacher.data_shape)
     state = create_state(c, main.init, {"fake": aux["fake"].init})
     step = jax.jit(make_step_fn(c, main.student, {"fake": aux["fake"].student}))
     src = NoiseSource((2,), 16, 0, None, 0, 1)
@@ -91,7 +92,7 @@ def test_nan_teacher_stops_naming_the_targets(tmp_path, recipe, term):
     c = _small(recipe, main_start=0)
     tb = make_testbed("gmm8", "rf", num_reference=100)
     bad = jax.tree.map(lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x, tb.teacher)
-    main, aux = _distill_nets(c, tb.teacher, tb.teacher.data_shape)
+    main, aux = distill_nets(c, tb.teacher, tb.teacher.data_shape)
     with pytest.raises(NonFiniteError, match=rf"step 0 .*\['{term}/targets'\]"):
         train(
             c,
@@ -109,12 +110,12 @@ def test_bad_term_names_of_aux_networks():
 
 def test_dmd_reg_is_dmd_plus_regression_on_teacher_pairs(tmp_path):
     from fewstep_jax.losses.api import LossInputs
-    from fewstep_jax.train.loop import distill
+    from fewstep_jax.modes.distill import distill
 
     c = _small("dmd_reg", steps=2, main_start=0)
     assert c.student.data == "pairs" and c.losses.dmd.reg_weight == 0.25
     tb = make_testbed("gmm8", "rf", num_reference=100)
-    main, aux = _distill_nets(c, tb.teacher, tb.teacher.data_shape)
+    main, aux = distill_nets(c, tb.teacher, tb.teacher.data_shape)
     state = create_state(c, main.init, {"fake": aux["fake"].init})
     reg, plain = (build_terms(cc.losses, main.student, "l")[0] for cc in (c, _small("dmd", 2, 0)))
     nets = (("fake", aux["fake"].student), ("student", main.student))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fewstep_jax import solvers
-from fewstep_jax.losses.tcd import skip_times
+from fewstep_jax.losses.consistency import skip_times
 from fewstep_jax.paths import get_path
 
 TINY = {
@@ -20,8 +20,7 @@ TINY = {
 
 
 @pytest.fixture
-def load(monkeypatch):
-    monkeypatch.syspath_prepend(".")
+def load():
     from fewstep_jax.bench.distill import load_distill_config
 
     return load_distill_config
@@ -60,8 +59,8 @@ def test_recipes_configure_a_vp_semilinear_student(load, name):
 
 
 def test_guided_recipe_needs_a_labelled_testbed():
-    from configs import base
-    from configs.recipes.tcd import RECIPES
+    from fewstep_jax.recipes import base
+    from fewstep_jax.recipes.tcd import RECIPES
 
     c = base.get_config()
     c.testbed.name = "unlabelled"
@@ -72,7 +71,7 @@ def test_guided_recipe_needs_a_labelled_testbed():
 @pytest.mark.parametrize("name", ["tcd", "lcm", "tcd_cfg"])
 def test_recipe_trains_and_samples(load, tmp_path, name):
     from fewstep_jax import samplers
-    from fewstep_jax.train.loop import distill
+    from fewstep_jax.modes.distill import distill
 
     c = load("gmm8", name, 4, TINY)
     d = distill(c, str(tmp_path), evaluate=False)
@@ -90,11 +89,10 @@ def test_recipe_trains_and_samples(load, tmp_path, name):
 
 
 @pytest.mark.parametrize(("module", "prediction"), [("gmm8_vp_teacher", "eps"), ("gmm8_vp_v_teacher", "v")])
-def test_vp_teacher_configs(monkeypatch, module, prediction):
-    import importlib
+def test_vp_teacher_configs(module, prediction):
+    from fewstep_jax.modes.dryrun import load_config_file
 
-    monkeypatch.syspath_prepend(".")
-    c = importlib.import_module(f"configs.{module}").get_config()
+    c = load_config_file(f"configs/{module}.py")
     assert c.mode == "train_teacher" and c.testbed.path == "ddpm" and c.teacher.prediction == prediction
     assert c.model.num_classes == 8 and c.losses.diffusion["label_dropout"] > 0
     assert c.losses.diffusion["t_sampling"] == "discrete"
@@ -103,12 +101,10 @@ def test_vp_teacher_configs(monkeypatch, module, prediction):
 def test_vp_teacher_trains(monkeypatch, tmp_path):
     import json
 
-    from fewstep_jax.train.loop import train_teacher
+    from fewstep_jax.modes.dryrun import load_config_file
+    from fewstep_jax.modes.train_teacher import train_teacher
 
-    monkeypatch.syspath_prepend(".")
-    from configs.gmm8_vp_teacher import get_config
-
-    c = get_config()
+    c = load_config_file("configs/gmm8_vp_teacher.py")
     for k, v in {**TINY, "train.num_steps": 3, "train.checkpoint_every": 3}.items():
         node, leaf = k.split(".")
         c[node][leaf] = v

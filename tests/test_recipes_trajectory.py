@@ -1,4 +1,4 @@
-"""Trajectory-family recipes (configs/recipes/trajectory.py): each builds a config whose loss
+"""Trajectory-family recipes (fewstep_jax/recipes/trajectory.py): each builds a config whose loss
 terms accept their options and trains a few steps; reflow's pair data is generated once and reused."""
 
 import jax
@@ -7,9 +7,9 @@ import pytest
 
 from fewstep_jax.losses.api import get_factory
 from fewstep_jax.models import build_model
+from fewstep_jax.modes.distill import distill
 from fewstep_jax.paths import get_path
 from fewstep_jax.students import Student, model_apply
-from fewstep_jax.train.loop import distill
 
 TINY = {
     "model.width": 16,
@@ -28,7 +28,7 @@ def _config(recipe, steps, **over):
 
 
 def _recipes():
-    from configs.recipes.trajectory import RECIPES
+    from fewstep_jax.recipes.trajectory import RECIPES
 
     return sorted(RECIPES)
 

@@ -1,7 +1,6 @@
 """Mode ``sample``: a trained student / teacher sampled from its workdir at any NFE and sampler."""
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +10,19 @@ import pytest
 from fewstep_jax import samplers, solvers
 from fewstep_jax.export.workdir import load_run_params
 from fewstep_jax.main import save_config
+from fewstep_jax.modes.sample import run, run_student, sample_workdir
 from fewstep_jax.paths import RectifiedFlow
-from fewstep_jax.sample_mode import run, run_student, sample_workdir
 from fewstep_jax.teachers.neural import neural_teacher
 
-TINY = {"model.width": 32, "train.batch_size": 64, "train.log_every": 6, "testbed.num_reference": 500,
-        "eval.num_samples": 200, "ema.decay": 0.5, "optim.warmup_steps": 2}
+TINY = {
+    "model.width": 32,
+    "train.batch_size": 64,
+    "train.log_every": 6,
+    "testbed.num_reference": 500,
+    "eval.num_samples": 200,
+    "ema.decay": 0.5,
+    "optim.warmup_steps": 2,
+}
 
 
 def _set(c, overrides):
@@ -32,27 +38,36 @@ def _set(c, overrides):
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
     """A tiny traflow student of gmm8 and a tiny class-conditional gmm8 teacher (12 steps each)."""
-    sys.path.insert(0, os.getcwd())
-    from configs.distill import get_config as distill_config
-    from configs.gmm8_teacher import get_config as teacher_config
-    from fewstep_jax.train.loop import distill, train_teacher
+    from fewstep_jax.modes.distill import distill
+    from fewstep_jax.modes.dryrun import load_config_file
+    from fewstep_jax.modes.train_teacher import train_teacher
+    from fewstep_jax.recipes import distill_config
 
     student_wd, teacher_wd = tmp_path_factory.mktemp("student"), tmp_path_factory.mktemp("teacher")
-    cs = _set(distill_config("gmm8,traflow,12"), dict(TINY, **{"sampler.nfes": (1, 2)}))
+    cs = _set(distill_config("gmm8", "traflow", 12), dict(TINY, **{"sampler.nfes": (1, 2)}))
     distill(cs, str(student_wd), evaluate=False)
     save_config(cs, str(student_wd))
-    ct = _set(teacher_config(), dict(TINY, **{"train.num_steps": 12, "eval.train_num_samples": 50,
-                                              "eval.train_nfes": (4,), "eval.train_solvers": ("euler",)}))
+    ct = _set(
+        load_config_file("configs/gmm8_teacher.py"),
+        dict(
+            TINY,
+            **{
+                "train.num_steps": 12,
+                "eval.train_num_samples": 50,
+                "eval.train_nfes": (4,),
+                "eval.train_solvers": ("euler",),
+            },
+        ),
+    )
     train_teacher(ct, str(teacher_wd))
     save_config(ct, str(teacher_wd))
     return (cs, student_wd), (ct, teacher_wd)
 
 
 def sample_config(**over):
-    sys.path.insert(0, os.getcwd())
-    from configs.sample import get_config
+    from fewstep_jax.modes.dryrun import load_config_file
 
-    c = get_config()
+    c = load_config_file("configs/sample.py")
     c.sample.update(over)
     return c
 

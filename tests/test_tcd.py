@@ -11,16 +11,18 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
 
-from fewstep_jax import solvers, tcd
+from fewstep_jax import solvers
 from fewstep_jax.losses.api import LossInputs, get_factory
-from fewstep_jax.losses.tcd import distance, skip_times, tcf
+from fewstep_jax.losses.consistency import skip_times, tcf
+from fewstep_jax.losses.distances import mean_distance as distance
 from fewstep_jax.paths import DDPM, RectifiedFlow, VPCosine
+from fewstep_jax.schedules import ddim_scheduler, ddim_solver, ddpm, lcm_scheduler, tcd_scheduler
 from fewstep_jax.students import Student
 from fewstep_jax.teachers.analytic import gaussian_mixture_teacher, gmm_params
 
 D = 6
 PRED_TYPES = ("epsilon", "sample", "v_prediction")
-ABAR = tcd.alphas_cumprod()
+ABAR = ddpm.alphas_cumprod()
 
 
 def _model(seed=0):
@@ -59,24 +61,26 @@ def test_timesteps_match_diffusers(n):
     for kw in ({}, {"original_inference_steps": 50}, {"strength": 0.6}):
         sch = TCDScheduler()
         sch.set_timesteps(n, **kw)
-        ours = tcd.tcd_timesteps(n, kw.get("original_inference_steps"), strength=kw.get("strength", 1.0))
+        ours = tcd_scheduler.tcd_timesteps(
+            n, kw.get("original_inference_steps"), strength=kw.get("strength", 1.0)
+        )
         np.testing.assert_array_equal(ours, sch.timesteps.numpy())
         lcm = LCMScheduler()
         lcm.set_timesteps(n, **kw)
         np.testing.assert_array_equal(
-            tcd.lcm_timesteps(n, strength=kw.get("strength", 1.0)), lcm.timesteps.numpy()
+            lcm_scheduler.lcm_timesteps(n, strength=kw.get("strength", 1.0)), lcm.timesteps.numpy()
         )
     ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     ddim.set_timesteps(n)
-    np.testing.assert_array_equal(tcd.ddim_timesteps(n), ddim.timesteps.numpy())
-    assert tcd.tcd_timesteps(4).tolist() == [999, 759, 499, 259]
+    np.testing.assert_array_equal(ddim_scheduler.ddim_timesteps(n), ddim.timesteps.numpy())
+    assert tcd_scheduler.tcd_timesteps(4).tolist() == [999, 759, 499, 259]
 
 
 def test_timestep_errors():
     with pytest.raises(ValueError, match="num_inference_steps 60"):
-        tcd.tcd_timesteps(60)
+        tcd_scheduler.tcd_timesteps(60)
     with pytest.raises(ValueError, match="gamma"):
-        tcd.tcd_step(jnp.zeros((1, D)), 999, 0, jnp.zeros((1, D)), ABAR, 1.5, None)
+        tcd_scheduler.tcd_step(jnp.zeros((1, D)), 999, 0, jnp.zeros((1, D)), ABAR, 1.5, None)
 
 
 @pytest.mark.parametrize("pred", PRED_TYPES)
@@ -91,8 +95,15 @@ def test_tcd_matches_diffusers_step_by_step(pred, n, monkeypatch):
         sch = TCDScheduler(prediction_type=pred)
         sch.set_timesteps(n)
         ref = _run_diffusers(sch, scheduling_tcd, monkeypatch, x, torch_fn, noises, eta=gamma)
-        _, ours = tcd.tcd_sample(
-            jax_fn, jnp.asarray(x), tcd.tcd_timesteps(n), ABAR, gamma, noises, pred, return_trajectory=True
+        _, ours = tcd_scheduler.tcd_sample(
+            jax_fn,
+            jnp.asarray(x),
+            tcd_scheduler.tcd_timesteps(n),
+            ABAR,
+            gamma,
+            noises,
+            pred,
+            return_trajectory=True,
         )
         assert len(ours) == len(ref)
         for a, b in zip(ours, ref):
@@ -110,8 +121,8 @@ def test_lcm_and_ddim_match_diffusers(pred, n, monkeypatch):
     sch = LCMScheduler(prediction_type=pred)
     sch.set_timesteps(n)
     ref = _run_diffusers(sch, scheduling_lcm, monkeypatch, x, torch_fn, noises)
-    _, ours = tcd.lcm_sample(
-        jax_fn, jnp.asarray(x), tcd.lcm_timesteps(n), ABAR, noises, pred, return_trajectory=True
+    _, ours = lcm_scheduler.lcm_sample(
+        jax_fn, jnp.asarray(x), lcm_scheduler.lcm_timesteps(n), ABAR, noises, pred, return_trajectory=True
     )
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-4)
@@ -127,8 +138,15 @@ def test_lcm_and_ddim_match_diffusers(pred, n, monkeypatch):
         )
         ddim.set_timesteps(n)
         ref = _run_diffusers(ddim, scheduling_ddim, monkeypatch, x, torch_fn, noises, eta=eta)
-        _, ours = tcd.ddim_sample(
-            jax_fn, jnp.asarray(x), tcd.ddim_timesteps(n), ABAR, eta, noises, pred, return_trajectory=True
+        _, ours = ddim_scheduler.ddim_sample(
+            jax_fn,
+            jnp.asarray(x),
+            ddim_scheduler.ddim_timesteps(n),
+            ABAR,
+            eta,
+            noises,
+            pred,
+            return_trajectory=True,
         )
         for a, b in zip(ours, ref):
             np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-4)
@@ -139,8 +157,8 @@ def test_tcd_gamma0_is_ddim_chain_and_gamma1_is_lcm():
     _, jax_fn, _ = _model(6)
     path = DDPM()
     x = jnp.asarray(np.random.default_rng(7).standard_normal((3, D)), jnp.float32)
-    ts = tcd.tcd_timesteps(4)
-    ours = tcd.tcd_sample(jax_fn, x, ts, ABAR, 0.0, None, "epsilon")
+    ts = tcd_scheduler.tcd_timesteps(4)
+    ours = tcd_scheduler.tcd_sample(jax_fn, x, ts, ABAR, 0.0, None, "epsilon")
 
     def velocity(xx, t):  # the eps-model on the continuous DDPM path
         k = round(float(path.t_to_timestep(t[0])))
@@ -157,15 +175,15 @@ def test_tcd_gamma0_is_ddim_chain_and_gamma1_is_lcm():
     abar1 = ABAR.copy()
     abar1[0] = 1.0
     noises = _noises(3, seed=8)
-    a = tcd.tcd_sample(jax_fn, x, ts, abar1, 1.0, noises, "epsilon")
-    b = tcd.lcm_sample(jax_fn, x, tcd.lcm_timesteps(4), abar1, noises, "epsilon")
+    a = tcd_scheduler.tcd_sample(jax_fn, x, ts, abar1, 1.0, noises, "epsilon")
+    b = lcm_scheduler.lcm_sample(jax_fn, x, lcm_scheduler.lcm_timesteps(4), abar1, noises, "epsilon")
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-3)
-    c = tcd.tcd_sample(jax_fn, x, ts, abar1, 0.3, noises, "epsilon")
+    c = tcd_scheduler.tcd_sample(jax_fn, x, ts, abar1, 0.3, noises, "epsilon")
     assert np.abs(np.asarray(c) - np.asarray(b)).max() > 1e-2  # gamma matters
 
 
 def test_ddim_solver_tables_and_skip_times():
-    ts, prev, k = tcd.ddim_solver_tables(ABAR, 50)
+    ts, prev, k = ddim_solver.ddim_solver_tables(ABAR, 50)
     assert k == 20 and ts[0] == 19 and ts[-1] == 999 and len(ts) == 50
     assert prev[0] == ABAR[0] and prev[1] == ABAR[19] and prev[-1] == ABAR[979]
     path = DDPM()
@@ -273,8 +291,12 @@ def test_loss_gradients_flow_only_to_student(name):
     # online target: still no gradient through the target branch (value equals the EMA with tp = p)
     cfg_on = ml_collections.ConfigDict({**cfg.to_dict(), "target": "online"})
     term_on = get_factory(name)(cfg_on, st)
-    both = jax.jit(lambda p, pt: (term_on(p, _inputs(teacher, st, pt), batch, rng)[0],
-                                  term(p, _inputs(teacher, st, p), batch, rng)[0]))
+    both = jax.jit(
+        lambda p, pt: (
+            term_on(p, _inputs(teacher, st, pt), batch, rng)[0],
+            term(p, _inputs(teacher, st, p), batch, rng)[0],
+        )
+    )
     l_on, l_ema = both(p, pt)
     np.testing.assert_allclose(float(l_on), float(l_ema), rtol=1e-6)
 
@@ -331,7 +353,7 @@ def test_tcd_loss_zero_for_exact_student_and_target_formula():
 
 def test_lcm_target_formula_and_config_errors():
     path = DDPM()
-    c_skip, c_out = tcd.lcm_boundary_scalings(jnp.array([0.0, 19.0, 999.0]))
+    c_skip, c_out = lcm_scheduler.lcm_boundary_scalings(jnp.array([0.0, 19.0, 999.0]))
     np.testing.assert_allclose(
         np.asarray(c_skip), [1.0, 0.25 / (190.0**2 + 0.25), 0.25 / (9990.0**2 + 0.25)], rtol=1e-6
     )

@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs.distill import get_config
 from fewstep_jax.data import NoiseSource
 from fewstep_jax.losses.api import teacher_evals_per_call
-from fewstep_jax.train.loop import _distill_nets, make_testbed_from_config, teacher_data_source
+from fewstep_jax.recipes import distill_config
+from fewstep_jax.testbeds import make_testbed_from_config, teacher_data_source
+from fewstep_jax.train.networks import distill_nets
 from fewstep_jax.train.state import create_state
 from fewstep_jax.train.step import make_step_fn
 
@@ -45,7 +46,7 @@ FAST = ("traflow", "cd", "tcd_cfg", "tdm_cfg", "shortcut")
 
 def _config(name: str):
     recipe = "tdm" if name == "tdm_cfg" else name
-    c = get_config(f"gmm8,{recipe},4")
+    c = distill_config("gmm8", recipe, 4)
     models = [c.model] + [a.model for a in c.aux_nets.values()]
     for m in models:
         m.width, m.num_layers, m.emb_dim = 16, 1, 8
@@ -72,7 +73,7 @@ def _counting(teacher, log: list):
 def _one_step(name: str):
     c = _config(name)
     tb = make_testbed_from_config(c)
-    main, aux = _distill_nets(c, tb.teacher, tb.teacher.data_shape)
+    main, aux = distill_nets(c, tb.teacher, tb.teacher.data_shape)
     state = create_state(c, main.init, {n: a.init for n, a in aux.items()})
     step = jax.jit(make_step_fn(c, main.student, {n: a.student for n, a in aux.items()}))
     if c.student.data == "noise":

@@ -12,7 +12,8 @@ from fewstep_jax.teachers.analytic import (
     gmm_sample,
     ideal_denoiser_teacher,
 )
-from fewstep_jax.testbeds import checker_params, make_testbed, reference_flow_map
+from fewstep_jax.testbeds.base import Testbed
+from fewstep_jax.testbeds.exact import checker_params, make_testbed, reference_flow_map
 
 
 def _mc_velocity(params, path, x_t, t, n=400_000, seed=0):
@@ -142,3 +143,26 @@ def test_unconditional_teacher_rejects_guidance():
     teacher = ideal_denoiser_teacher(np.zeros((3, 2), np.float32), get_path("rf"))
     with pytest.raises(ValueError, match="unconditional"):
         teacher.velocity(jnp.zeros((2, 2)), jnp.full((2,), 0.5), None, guidance=2.0)
+
+
+def test_exact_testbed_interface_and_training_batches(tmp_path):
+    """An exact testbed is a Testbed with its analytic teacher; a mixture trains on fresh exact draws
+    (a pure function of (seed, step)); mnist on its whole training split, not only the ``subset``
+    its ideal denoiser holds."""
+    tb = make_testbed("gmm8", num_reference=100)
+    assert isinstance(tb, Testbed) and tb.has_exact_teacher and tb.exact_teacher is tb.teacher
+    assert tb.path is tb.teacher.path and tb.data_shape == (2,) and not tb.is_image
+    batch = tb.source(True, 256, 0, 0, 1).batch(3)
+    assert batch["x"].dtype == np.float32 and batch["label"].dtype == np.int32
+    np.testing.assert_array_equal(batch["x"], tb.source(False, 256, 0, 0, 1).batch(3)["x"])
+    assert "label" not in tb.source(False, 256, 0, 0, 1).batch(3)
+    assert np.mean(np.abs(np.linalg.norm(batch["x"], axis=1) - 2.0) < 0.4) > 0.99  # on the 8 modes
+    # 40 MNIST-shaped images, image i filled with the pixel value 5 i: its index is readable
+    n = 40
+    images = np.repeat(5 * np.arange(n, dtype=np.uint8), 28 * 28).reshape(n, 28, 28)
+    np.savez(tmp_path / "mnist.npz", x_train=images, y_train=np.arange(n) % 10)
+    tb = make_testbed("mnist", mnist_path=str(tmp_path / "mnist.npz"), subset=8, pca_dim=4)
+    assert tb.is_image and tb.data_shape == (28, 28, 1) and len(tb.reference["x"]) == 8
+    x = tb.source(False, 64, 0, 0, 1).batch(0)["x"]
+    index = np.rint((x[:, 0, 0, 0] + 1) / 2 * 255 / 5).astype(int)
+    assert index.max() >= 8 and set(index) <= set(range(n))

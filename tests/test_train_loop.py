@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fewstep_jax.runs import writers
 from fewstep_jax.teachers.neural import latest_checkpoint, restore_state_tree
-from fewstep_jax.train import writers
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base
 from fewstep_jax import parallel
 from fewstep_jax.losses import api
 from fewstep_jax.models import build_model
 from fewstep_jax.paths import get_path
+from fewstep_jax.recipes import base
 from fewstep_jax.students import Student, model_apply
 from fewstep_jax.teachers.neural import neural_teacher
 from fewstep_jax.train.loop import Net, NonFiniteError, train

@@ -16,12 +16,13 @@ import numpy as np
 import optax
 import pytest
 
-from fewstep_jax import reflow, solvers
+from fewstep_jax import solvers
 from fewstep_jax.losses import trajectory as tr
 from fewstep_jax.losses.api import LossInputs, get_factory
 from fewstep_jax.models import build_model, mlp_config
 from fewstep_jax.paths import RectifiedFlow, bcast
 from fewstep_jax.students import Student, model_apply
+from fewstep_jax.teachers import pairs as teacher_pairs
 from fewstep_jax.teachers.analytic import gaussian_mixture_teacher, gmm_params
 
 PATH = RectifiedFlow()
@@ -346,7 +347,7 @@ def test_traflow_converges_to_the_gaussian_flow_map():
 
 def test_pairs_generate_save_load_source(tmp_path):
     teacher = gaussian_teacher()
-    pairs = reflow.generate_pairs(
+    pairs = teacher_pairs.generate_pairs(
         teacher, jax.random.PRNGKey(0), 50, batch_size=16, method="heun", num_steps=64
     )
     assert pairs["noise"].shape == pairs["x"].shape == (50, 2)
@@ -354,16 +355,16 @@ def test_pairs_generate_save_load_source(tmp_path):
     np.testing.assert_allclose(pairs["x"], np.asarray(want), atol=1e-3)
     assert len(np.unique(pairs["noise"][:, 0])) == 50  # batches draw different noise
     f = tmp_path / "sub" / "pairs.npz"
-    reflow.save_pairs(f, pairs)
-    loaded = reflow.load_pairs(f)
+    teacher_pairs.save_pairs(f, pairs)
+    loaded = teacher_pairs.load_pairs(f)
     np.testing.assert_array_equal(loaded["x"], pairs["x"])
-    src = reflow.pair_source(f, global_batch_size=10, seed=0)
+    src = teacher_pairs.pair_source(f, global_batch_size=10, seed=0)
     b = src.batch(3)
     assert set(b) == {"noise", "x"} and b["x"].shape == (10, 2)
     np.testing.assert_allclose(
         b["x"], np.asarray(exact_phi(jnp.asarray(b["noise"]), jnp.ones(10), jnp.zeros(10))), atol=1e-3
     )
     with pytest.raises(FileNotFoundError):
-        reflow.load_pairs(tmp_path / "missing.npz")
+        teacher_pairs.load_pairs(tmp_path / "missing.npz")
     with pytest.raises(ValueError, match="noise"):
-        reflow.pair_source({"x": pairs["x"]}, 10, 0)
+        teacher_pairs.pair_source({"x": pairs["x"]}, 10, 0)

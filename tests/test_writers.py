@@ -1,11 +1,15 @@
 """Metric writers: TensorBoard event files + metrics.jsonl on the main process only."""
 
+import io
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from fewstep_jax.train import writers
+from fewstep_jax.runs import writers
 
 
 def test_main_writer_writes_tensorboard_and_jsonl(tmp_path):
@@ -77,3 +81,100 @@ def test_eval_images_go_to_tensorboard(tmp_path):
     tags = acc.Tags()
     assert any("samples/euler_nfe4" in t for t in tags.get("images", []) + tags.get("tensors", [])), tags
     assert any("eval/fd" in t for t in tags.get("scalars", []) + tags.get("tensors", [])), tags
+
+
+# A machine without TensorFlow, simulated: a None entry in sys.modules makes `import tensorflow`
+# raise ModuleNotFoundError and `importlib.util.find_spec("tensorflow")` return None (etils and
+# tensorboard probe it so), exactly as when the package is not installed. Run before any import.
+WITHOUT_TENSORFLOW = 'import sys; sys.modules.update(dict.fromkeys(("tensorflow", "tensorflow_datasets")))'
+
+
+def _event_values(logdir) -> list[tuple[int, str, str, object]]:
+    """(step, tag, plugin, value) of every summary value in `logdir`'s one event file, read with
+    tensorboard's own loader: scalars as float32, images as their decoded PNGs (uint8 arrays)."""
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    (path,) = logdir.glob("events.out.tfevents.*")
+    out = []
+    for event in EventFileLoader(str(path)).Load():
+        for v in event.summary.value:
+            value = tensor_util.make_ndarray(v.tensor)
+            plugin = v.metadata.plugin_data.plugin_name
+            if plugin == "images":  # [width, height, png...]
+                value = (*map(int, value[:2]), *(np.asarray(Image.open(io.BytesIO(p))) for p in value[2:]))
+            out.append((event.step, v.tag, plugin, value))
+    return out
+
+
+def test_tf_free_tensorboard_writer_writes_what_tf_summary_writes(tmp_path):
+    """Same scalars and images through clu's tf.summary writer and through `TensorBoardWriter`:
+    the same (step, tag, plugin, float32 value / decoded pixels) in both event files."""
+    pytest.importorskip("tensorflow")
+    from clu.metric_writers.tf.summary_writer import SummaryWriter
+
+    rgb = writers.image_grid(np.linspace(-1, 1, 4 * 5 * 6 * 3).reshape(4, 5, 6, 3))[None]
+    grey = writers.image_grid(np.linspace(-1, 1, 2 * 3 * 3).reshape(2, 3, 3, 1))[None]
+    for name, cls in (("tf", SummaryWriter), ("tf_free", writers.TensorBoardWriter)):
+        w = cls(str(tmp_path / name))
+        w.write_scalars(1, {"loss": np.float32(0.5), "lr": 1e-3})
+        w.write_scalars(7, {"loss": 0.25})
+        w.write_images(7, {"samples/rgb": rgb, "samples/grey": grey})
+        w.close()
+    tf_rows, free_rows = _event_values(tmp_path / "tf"), _event_values(tmp_path / "tf_free")
+    assert [r[:3] for r in free_rows] == [r[:3] for r in tf_rows] == [
+        (1, "loss", "scalars"), (1, "lr", "scalars"), (7, "loss", "scalars"),
+        (7, "samples/rgb", "images"), (7, "samples/grey", "images"),
+    ]  # fmt: skip
+    for (*_, a), (*_, b) in zip(tf_rows[:3], free_rows[:3], strict=True):
+        assert a.dtype == b.dtype == np.float32 and a == b
+    for (*_, a), (*_, b), grid in zip(tf_rows[3:], free_rows[3:], (rgb, grey), strict=True):
+        assert a[:2] == b[:2] == (grid.shape[2], grid.shape[1])  # width, height
+        np.testing.assert_array_equal(b[2].reshape(grid.shape[1:]), grid[0])
+        np.testing.assert_array_equal(a[2], b[2])
+
+
+def test_training_without_tensorflow_writes_metrics_and_tensorboard(tmp_path):
+    """A teacher run on a machine without TensorFlow (subprocess): metrics.jsonl plus an event
+    file tensorboard reads back with the same losses; TFDS reading names what to install."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    from fewstep_jax.data.tfds_source import TFDS_INSTALL_HINT
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workdir = tmp_path / "run"
+    script = f"""{WITHOUT_TENSORFLOW}
+from fewstep_jax.main import run
+sys.argv = ["fewstep", "--config={root}/configs/gmm8_teacher.py", "--workdir={workdir}",
+    "--config.train.num_steps=20", "--config.train.log_every=10", "--config.eval.train_nfes=(1,)",
+    "--config.eval.train_solvers=('euler',)", "--config.eval.train_num_samples=200"]
+try:
+    run()
+except SystemExit as e:
+    assert not e.code, e.code
+print("TF_LOADED", sorted(m for m, mod in sys.modules.items() if m.startswith("tensorflow") and mod))
+from fewstep_jax.data import load_dataset
+try:
+    load_dataset("tfds:cifar10")
+except ImportError as e:
+    print("HINT", repr(str(e)))
+"""
+    env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "TF_LOADED []" in proc.stdout, proc.stdout
+    assert f"HINT {TFDS_INSTALL_HINT!r}" in proc.stdout and "\n" not in TFDS_INSTALL_HINT
+    assert 'pip install "fewstep-jax[tfds]"' in TFDS_INSTALL_HINT
+
+    losses = {r["step"]: r["loss"] for r in writers.read_metrics(workdir) if "loss" in r}
+    assert sorted(losses) == [10, 20]
+    assert any("eval/euler_nfe1/sw2" in r for r in writers.read_metrics(workdir))
+    assert len(list(workdir.glob("events.out.tfevents.*"))) == 1
+    acc = EventAccumulator(str(workdir), size_guidance={"tensors": 0}).Reload()
+    assert {"loss", "steps_per_sec", "eval/euler_nfe1/sw2"} <= set(acc.Tags()["tensors"])
+    logged = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors("loss")}
+    assert logged == {s: float(np.float32(v)) for s, v in losses.items()}

@@ -30,10 +30,12 @@ def build_image_dataset(
         ns["VERSION"] = tfds.core.Version("1.0.0")
         ns["_info"] = lambda self: tfds.core.DatasetInfo(
             builder=self,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=shape),
-                "label": tfds.features.ClassLabel(num_classes=num_classes),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=shape),
+                    "label": tfds.features.ClassLabel(num_classes=num_classes),
+                }
+            ),
         )
         ns["_split_generators"] = lambda self, dl_manager: {s: self._generate_examples(s) for s in splits}
         ns["_generate_examples"] = lambda self, split: (

@@ -7,7 +7,7 @@ One command makes one table: ``--out`` gets the JSON and a markdown file of the 
 (``.md``) whose header records the exact command, the machine and the total seconds.
 
 For every testbed one evaluation noise and one reference flow map are shared by every row. Each
-recipe (configs/recipes) is trained with the same number of student steps and batch, then scored
+recipe (fewstep_jax/recipes) is trained with the same number of student steps and batch, then scored
 at its sampler's NFEs (``--nfes`` overrides; gammas with ``--gammas``): flow-map MSE against the
 reference and sample distances to the testbed's data, beside the teacher's fixed-step solvers
 (``--teacher_solvers``) at the same NFEs and the converged teacher (the reference itself).
@@ -60,6 +60,8 @@ import numpy as np
 
 from fewstep_jax.bench.solvers import machine
 from fewstep_jax.config_utils import as_tuple
+from fewstep_jax.errors import UserError, run_cli
+from fewstep_jax.evaluation import harness
 from fewstep_jax.evaluation.tables import markdown_table, pivot_markdown, write_json
 
 PROG = "python -m fewstep_jax.bench.distill"
@@ -89,7 +91,7 @@ def parse_sets(items) -> dict:
     for item in items or ():
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise UserError(f"--set expects key=value, got {item!r}")
         out[key.strip()] = parse_value(value.strip())
     return out
 
@@ -106,15 +108,14 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> None:
                 raise KeyError(last)
             node[last] = v
         except (KeyError, AttributeError, TypeError) as e:
-            raise ValueError(f"config override {k}={v!r}: {type(e).__name__} {e}") from e
+            raise UserError(f"config override {k}={v!r}: {type(e).__name__} {e}") from e
 
 
 def load_distill_config(testbed: str, recipe: str, steps: int | None, overrides: dict | None = None):
-    """``configs/distill.py:<testbed>,<recipe>[,<steps>]`` from the repository root, plus overrides."""
-    sys.path.insert(0, os.getcwd())
-    from configs.distill import get_config
+    """:func:`fewstep_jax.recipes.distill_config` of ``testbed`` and ``recipe``, plus overrides."""
+    from fewstep_jax.recipes import distill_config
 
-    c = get_config(f"{testbed},{recipe}" + (f",{steps}" if steps else ""))
+    c = distill_config(testbed, recipe, steps or None)
     apply_overrides(c, overrides)
     return c
 
@@ -237,7 +238,7 @@ def distill_cost(
     teacher_run: TeacherRun | None = None,
 ) -> dict:
     """The cost cells of a student row (see the module docstring)."""
-    from fewstep_jax.train.writers import read_metrics
+    from fewstep_jax.runs.writers import read_metrics
 
     steps, batch = int(c.train.num_steps), int(c.train.batch_size)
     cost = {
@@ -274,8 +275,8 @@ def testbed_reference(
     """The testbed (its teacher replaced by the trained one) and the shared reference: the teacher's
     adaptive solve of ``eval.num_samples`` noises, conditional (balanced labels, CFG ``guidance``)
     when asked, scored per class unless ``pooled``."""
-    from fewstep_jax.evaluation.scoring import balanced_labels, make_reference
-    from fewstep_jax.train.loop import make_testbed_from_config
+    from fewstep_jax.evaluation.scoring import balanced_labels
+    from fewstep_jax.testbeds import make_testbed_from_config
 
     testbed = make_testbed_from_config(c)
     if teacher_run is not None:
@@ -291,8 +292,7 @@ def testbed_reference(
             )
         label = balanced_labels(n, k)
     g = 1.0 if guidance is None else float(guidance)
-    ref = make_reference(testbed, n, int(c.seed), int(c.eval.batch_size), label=label, guidance=g, rtol=rtol)
-    return testbed, dataclasses.replace(ref, per_class=not pooled)
+    return testbed, harness.shared_reference(c, testbed, label, g, per_class=not pooled, rtol=rtol)
 
 
 def run(
@@ -314,10 +314,9 @@ def run(
     reference_rtol: float = 1e-5,
 ) -> dict:
     """Trains and scores every recipe on every testbed; writes ``out`` (JSON) and its ``.md``."""
-    from fewstep_jax.evaluation.distill_eval import evaluate_distilled, teacher_solver_rows
     from fewstep_jax.evaluation.scoring import reference_rows
     from fewstep_jax.evaluation.student_eval import student_condition
-    from fewstep_jax.train.loop import distill
+    from fewstep_jax.modes.distill import distill
 
     t0 = time.time()
     teacher_run = load_teacher_run(teacher_workdir) if teacher_workdir else None
@@ -359,11 +358,10 @@ def run(
             d = distill(c, wd, evaluate=False)
             wall = time.time() - t_run
             cost = distill_cost(c, wd, wall, d.train_seconds, teacher_run)
-            rs = evaluate_distilled(c, d.student, d.params(), testbed, ref=ref, teacher_solvers=(), log=log)
-            name = c.method or "student"
-            rows += [dict(r, **cost) for r in rs if r["method"].startswith(name)]
+            rs = harness.student_rows(c, d.student, d.params(), testbed, ref, log)
+            rows += [dict(r, **cost) for r in rs]
             all_nfes |= set(as_tuple(c.sampler.nfes, int))
-        rows += teacher_solver_rows(first, testbed, ref, teacher_solvers, sorted(all_nfes), log)
+        rows += harness.teacher_solver_rows(first, testbed, ref, teacher_solvers, sorted(all_nfes), log)
         results[tb] = {
             "rows": rows,
             "reference_nfe": ref.nfe,
@@ -530,4 +528,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error: one line, exit status 2

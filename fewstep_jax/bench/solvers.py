@@ -19,7 +19,7 @@ import jax
 
 from fewstep_jax.evaluation.tables import markdown_table, pivot_markdown, write_json
 from fewstep_jax.evaluation.teacher_solvers import evaluate_teacher_solvers
-from fewstep_jax.testbeds import make_testbed
+from fewstep_jax.testbeds.exact import make_testbed
 
 
 def machine() -> str:

@@ -1,13 +1,13 @@
-"""Input pipelines: stateless per-step numpy batch sources and dataset loaders."""
+"""Input pipelines: stateless per-step numpy batch sources and dataset loaders.
 
-from fewstep_jax.data.builtin import (
-    KNOWN_DATASETS,
-    load_dataset,
-    load_digits,
-    load_mnist,
-    uint8_to_unit,
-)
-from fewstep_jax.data.random_access import RandomAccess, RandomAccessSource, image_arrays, read_records
+Imports flow one way: `sources` (batch sources) and `images` (uint8 -> [-1, 1] arrays) at the
+bottom, then `random_access` (reads by index), `tfds_source` (TFDS splits; TensorFlow imported on
+first use), and `builtin` (the named datasets and the `load_dataset` dispatch) on top.
+"""
+
+from fewstep_jax.data.builtin import KNOWN_DATASETS, load_dataset, load_digits, load_mnist
+from fewstep_jax.data.images import Arrays, image_arrays, uint8_to_unit
+from fewstep_jax.data.random_access import RandomAccess, RandomAccessSource, read_records
 from fewstep_jax.data.sources import (
     ArraySource,
     ArraySpec,
@@ -25,6 +25,7 @@ __all__ = [
     "KNOWN_DATASETS",
     "ArraySource",
     "ArraySpec",
+    "Arrays",
     "Batch",
     "BatchSource",
     "IndexedSource",

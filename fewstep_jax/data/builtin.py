@@ -1,6 +1,7 @@
 """Dataset loaders returning in-memory numpy arrays ready for `ArraySource`.
 
-All loaders return {"x": float32 (N, H, W, C) in [-1, 1], "label": int32 (N,)}.
+All loaders return {"x": float32 (N, H, W, C) in [-1, 1], "label": int32 (N,)}. The top of the
+data package: `load_dataset` dispatches to the TFDS loader, which imports nothing from here.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import os
 
 import numpy as np
 
-Arrays = dict[str, np.ndarray]
+from fewstep_jax.data.images import Arrays, uint8_to_unit
+from fewstep_jax.data.tfds_source import load_tfds_arrays
 
 KNOWN_DATASETS = ("digits", "mnist", "tfds:<name>")
 
@@ -19,16 +21,6 @@ _MNIST_HELP = (
     "`tfds.builder('mnist', data_dir=DIR).download_and_prepare()` once on a machine with "
     "network access and load with path=None, data_dir=DIR."
 )
-
-
-def uint8_to_unit(images: np.ndarray, max_value: float = 255.0) -> np.ndarray:
-    """Pixel values in [0, max_value] -> float32 in [-1, 1], NHWC (adds C=1 to (N, H, W))."""
-    x = np.asarray(images, np.float32)
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4:
-        raise ValueError(f"expected images (N, H, W) or (N, H, W, C), got shape {images.shape}")
-    return x * np.float32(2.0 / max_value) - np.float32(1.0)
 
 
 def load_digits() -> Arrays:
@@ -88,8 +80,6 @@ def load_dataset(
     if name == "mnist" and path is not None:
         return load_mnist(path, split)
     if name == "mnist" or name.startswith("tfds:"):
-        from fewstep_jax.data.tfds_source import load_tfds_arrays
-
         tfds_name = name.removeprefix("tfds:")
         if not tfds_name:
             raise ValueError("empty TFDS dataset name in 'tfds:'; use e.g. 'tfds:cifar10'")

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fewstep_jax.data.builtin import Arrays, uint8_to_unit
+from fewstep_jax.data.images import image_arrays
 from fewstep_jax.data.sources import ArraySpec, Batch, IndexedSource
 
 
@@ -41,24 +41,6 @@ def read_records(container: RandomAccess, keys: Sequence[int]) -> list[Mapping[s
 def stack_records(records: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[str, np.ndarray]:
     """`{key: stacked values}` of a list of record dicts (each must have every key)."""
     return {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}
-
-
-def image_arrays(raw: Mapping[str, np.ndarray], image_key: str, label_key: str | None, what: str) -> Arrays:
-    """Raw stacked features -> {"x": float32 (N, H, W, C) in [-1, 1], "label": int32 (N,)}.
-
-    `raw[image_key]` must be uint8 (N, H, W, C) or (N, H, W) (grey: gets C = 1); "label" is present
-    iff `label_key` is given and in `raw`. `what` names the data in errors.
-    """
-    images = np.asarray(raw[image_key])
-    if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise ValueError(
-            f"{what}[{image_key!r}] must be uint8 (N, H, W, C) or (N, H, W), "
-            f"got {images.dtype} {images.shape}"
-        )
-    out = {"x": uint8_to_unit(images)}
-    if label_key is not None and label_key in raw:
-        out["label"] = np.asarray(raw[label_key]).astype(np.int32)
-    return out
 
 
 class RandomAccessSource(IndexedSource):

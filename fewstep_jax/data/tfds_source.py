@@ -10,7 +10,9 @@ MB; CIFAR-10 50k: 614 MB; ImageNet-64 1.28M: 63 GB, too much): TFRecord (the TFD
 `as_dataset(batch_size=-1)`, ArrayRecord via `as_data_source`. `tfds_data_source` opens an
 ArrayRecord split for random access (TFRecord has none) without reading it, and `tfds_image_info`
 gives shape, classes, size and format from the builder's metadata alone. Nothing is downloaded
-unless asked.
+unless asked. TensorFlow and tensorflow-datasets are the optional extra `fewstep-jax[tfds]`, imported
+on first use (`import_tfds`): without them every other loader works and these raise one line saying
+what to install.
 """
 
 from __future__ import annotations
@@ -20,10 +22,24 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from fewstep_jax.data.builtin import Arrays
-from fewstep_jax.data.random_access import image_arrays, read_records, stack_records
+from fewstep_jax.data.images import Arrays, image_arrays
+from fewstep_jax.data.random_access import read_records, stack_records
+from fewstep_jax.errors import MissingPackageError
 
 ARRAY_RECORD = "array_record"
+TFDS_INSTALL_HINT = (
+    'reading TFDS datasets needs TensorFlow and tensorflow-datasets: pip install "fewstep-jax[tfds]"'
+)
+
+
+def import_tfds():
+    """The `tensorflow_datasets` module, imported on first use: only TFDS reading needs TensorFlow
+    (an optional extra), so a machine without it runs everything else."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise MissingPackageError(TFDS_INSTALL_HINT) from e
+    return tfds
 
 
 class TfdsImageInfo(NamedTuple):
@@ -52,7 +68,7 @@ class TfdsImageInfo(NamedTuple):
 
 def _prepared_builder(name: str, data_dir: str | os.PathLike | None, download: bool, image_key: str):
     """The TFDS builder of a prepared dataset, with clear errors when it is not there."""
-    import tensorflow_datasets as tfds
+    tfds = import_tfds()
 
     where = data_dir if data_dir is not None else "the default TFDS data_dir"
     try:
@@ -78,14 +94,14 @@ def _prepared_builder(name: str, data_dir: str | os.PathLike | None, download: b
 
 
 def _is_array_record(builder) -> bool:
-    import tensorflow_datasets as tfds
+    tfds = import_tfds()
 
     return builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
 
 
 def _read_split(builder, split: str) -> dict[str, np.ndarray]:
     """The whole split as numpy arrays with a leading example dimension."""
-    import tensorflow_datasets as tfds
+    tfds = import_tfds()
 
     if _is_array_record(builder):
         source = builder.as_data_source(split=split)
@@ -107,7 +123,7 @@ def tfds_image_info(
 ) -> TfdsImageInfo:
     """Shape (H, W, C), class count, size and on-disk format of a prepared TFDS image split,
     from its metadata only (fast whatever the split's size)."""
-    import tensorflow_datasets as tfds
+    tfds = import_tfds()
 
     builder = _prepared_builder(name, data_dir, download, image_key)
     features = builder.info.features

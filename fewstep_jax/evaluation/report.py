@@ -2,12 +2,15 @@
 
 Figures: sample grids side by side per NFE (scatter plots for 2-D data, image grids for images),
 trajectory plots for 2-D data, and loss curves from the run's ``metrics.jsonl``.
+:func:`write_run_report` is the end-of-run report the modes hand to the training loop
+(``train.loop.train(report_fn=...)``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path as FilePath
 
 import numpy as np
 
@@ -25,7 +28,7 @@ def _plt():
 
 def image_grid(images: np.ndarray, ncols: int = 8) -> np.ndarray:
     """(N, H, W, C) in [-1, 1] -> one grid image as floats in [0, 1] (train.writers.image_grid)."""
-    from fewstep_jax.train.writers import image_grid as uint8_grid
+    from fewstep_jax.runs.writers import image_grid as uint8_grid
 
     return uint8_grid(np.asarray(images, np.float32), ncols).astype(np.float32) / 255.0
 
@@ -132,10 +135,28 @@ def write_report(
     return path
 
 
+def write_run_report(workdir: FilePath, evals: dict[str, float]) -> None:
+    """``loss_curve.png`` (loss terms vs step, from metrics.jsonl) and ``report.md`` (the last
+    logged metrics and the final evaluation ``evals``) of a training run in ``workdir``."""
+    from fewstep_jax.runs import writers
+
+    rows = [r for r in writers.read_metrics(workdir) if "loss" in r]
+    keys = sorted({k for r in rows for k in r if k == "loss" or k.startswith("loss/") or k.endswith("/loss")})
+    figure = plot_loss_curves(rows, str(workdir / "loss_curve.png"), keys=keys)
+    last = rows[-1] if rows else {}
+    table = [{"metric": k, "value": v} for k, v in sorted(last.items()) if k != "step"]
+    notes = f"Final step {last['step']}." if last else "No training step logged."
+    if evals:
+        table += [{"metric": f"eval/{k}", "value": v} for k, v in sorted(evals.items())]
+    title = f"Run report: {workdir.name}"
+    write_report(str(workdir), title, table, ["metric", "value"], {"Loss curve": figure}, notes)
+
+
 __all__ = [
     "image_grid",
     "plot_loss_curves",
     "plot_samples",
     "plot_trajectories",
     "write_report",
+    "write_run_report",
 ]

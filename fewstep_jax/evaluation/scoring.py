@@ -20,8 +20,8 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from fewstep_jax.evaluation import metrics
-from fewstep_jax.testbeds import Testbed, reference_flow_map
+from fewstep_jax.metrics import sample_distances
+from fewstep_jax.testbeds.exact import ExactTestbed, reference_flow_map
 
 Sampler = Callable[[np.ndarray, int], "np.ndarray | None"]
 
@@ -39,7 +39,7 @@ class Reference:
     guidance: float = 1.0  # Imagen CFG scale of the reference solve
     per_class: bool = True  # conditional reference: distances per class (False: pooled over classes)
 
-    def distances(self, testbed: Testbed, x: np.ndarray) -> dict[str, float]:
+    def distances(self, testbed: ExactTestbed, x: np.ndarray) -> dict[str, float]:
         """The testbed's distances of samples ``x`` (N, ...) made from ``x1``: per class (averaged
         over the classes) for a conditional reference with ``per_class``, else to the whole data
         distribution (pooled: the balanced labels make the samples a draw of the whole data)."""
@@ -56,7 +56,7 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
 
 
 def make_reference(
-    testbed: Testbed,
+    testbed: ExactTestbed,
     num_samples: int,
     seed: int = 0,
     batch_size: int = 1000,
@@ -87,11 +87,11 @@ def make_reference(
         teacher, x1[:n], lab_n, guidance, rtol=rtol / 10, atol=rtol / 10, batch_size=batch_size
     )
     return Reference(
-        x1, x0, nfe, metrics.flow_map_error(x0[:n], tight), time.time() - t0, label, float(guidance)
+        x1, x0, nfe, sample_distances.flow_map_error(x0[:n], tight), time.time() - t0, label, float(guidance)
     )
 
 
-def reference_rows(testbed: Testbed, ref: Reference, seed: int = 0) -> list[dict]:
+def reference_rows(testbed: ExactTestbed, ref: Reference, seed: int = 0) -> list[dict]:
     """The converged teacher and (mixtures) a fresh data sample of the same size: the floor."""
     rows = [{"testbed": testbed.name, "method": "teacher (converged)", "nfe": ref.nfe, "flow_map_mse": 0.0}]
     rows[0].update(ref.distances(testbed, ref.x0))
@@ -106,17 +106,17 @@ def reference_rows(testbed: Testbed, ref: Reference, seed: int = 0) -> list[dict
     return rows
 
 
-def score(testbed: Testbed, method: str, nfe: int, samples: np.ndarray, ref: Reference, **extra) -> dict:
+def score(testbed: ExactTestbed, method: str, nfe: int, samples: np.ndarray, ref: Reference, **extra) -> dict:
     """One row: flow-map MSE against the reference and the testbed's sample distances."""
     row = {"testbed": testbed.name, "method": method, "nfe": nfe}
     finite = np.isfinite(samples).all()
-    row["flow_map_mse"] = metrics.flow_map_error(samples, ref.x0) if finite else float("nan")
+    row["flow_map_mse"] = sample_distances.flow_map_error(samples, ref.x0) if finite else float("nan")
     row.update(ref.distances(testbed, samples))
     row.update(extra)
     return row
 
 
-def class_distances(testbed: Testbed, x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def class_distances(testbed: ExactTestbed, x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Guided (conditional) samples ``x`` (N, ...) with their ``labels`` (N,): the testbed's
     distances of each class's samples to that class's reference data, averaged over the classes."""
     ref_lab = np.asarray(testbed.reference["label"])
@@ -130,7 +130,7 @@ def class_distances(testbed: Testbed, x: np.ndarray, labels: np.ndarray) -> dict
 
 
 def evaluate_samplers(
-    testbed: Testbed,
+    testbed: ExactTestbed,
     samplers: dict[str, Sampler],
     nfes,
     ref: Reference,

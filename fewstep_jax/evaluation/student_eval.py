@@ -16,14 +16,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from fewstep_jax import samplers, solvers
+from fewstep_jax.config_utils import as_tuple
 from fewstep_jax.students import Student
 
 
 @partial(jax.jit, static_argnames=("student", "kind"))
-def _run(student, params, noise, grid, gamma, injected, kind, student_kw):
+def run_chain(student, params, noise, grid, gamma, injected, kind, student_kw):
+    """:func:`fewstep_jax.samplers.sample` compiled once per (student, kind): noise (B, ...) at
+    the student's unit scale, injected (N - 1, B, ...), ``student_kw`` the student's extra inputs
+    (label / guidance (B,), num_steps); returns (B, ...)."""
     return samplers.sample(
         student, params, noise, grid, gamma=gamma, kind=kind, injected=injected, **student_kw
     )
+
+
+def steps_kw_fn(config):
+    """Step-count conditioning of a steps-aware student: the index of ``nfe`` in its trained set
+    (None when it was not trained for ``nfe``); None for a student without one."""
+    if int(config.model.get("num_step_classes", 0)) <= 0:
+        return None
+    ks = ()
+    for term in config.losses.values():
+        if "num_steps" in term:
+            ks = as_tuple(term["num_steps"], int)
+    return lambda nfe: {"num_steps": jnp.int32(ks.index(nfe))} if nfe in ks else None
 
 
 def student_samplers(
@@ -61,7 +77,9 @@ def student_samplers(
                 nb = jnp.asarray(noise[i : i + batch_size])
                 kw_b = {**kw, **{k: jnp.asarray(v[i : i + batch_size]) for k, v in condition.items()}}
                 inj = jax.random.normal(jax.random.fold_in(rng, i), (max(nfe - 1, 1), *nb.shape))
-                y = _run(student, params, nb, grid, jnp.float32(gamma), inj[: max(nfe - 1, 0)], kind, kw_b)
+                y = run_chain(
+                    student, params, nb, grid, jnp.float32(gamma), inj[: max(nfe - 1, 0)], kind, kw_b
+                )
                 out.append(np.asarray(y))
             return np.concatenate(out)
 
@@ -93,4 +111,4 @@ def student_condition(config, ref) -> dict:
     return cond
 
 
-__all__ = ["student_condition", "student_samplers"]
+__all__ = ["run_chain", "steps_kw_fn", "student_condition", "student_samplers"]

@@ -8,7 +8,6 @@ samples of the same size (the finite-sample floor of the distance).
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import jax
@@ -16,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fewstep_jax import solvers
-from fewstep_jax.evaluation import metrics
 from fewstep_jax.evaluation.scoring import evaluate_samplers, make_reference, reference_rows
+from fewstep_jax.metrics import sample_distances
 from fewstep_jax.solvers import default_grid
-from fewstep_jax.testbeds import Testbed
+from fewstep_jax.testbeds.exact import ExactTestbed
 
 
 @partial(jax.jit, static_argnames=("method", "euler_into_data", "guidance"))
@@ -86,7 +85,7 @@ def solver_samplers(
 
 
 def evaluate_teacher_solvers(
-    testbed: Testbed,
+    testbed: ExactTestbed,
     nfes=(1, 2, 4, 8, 16, 32, 64),
     methods=("euler", "heun", "rk4", "dpmpp_2m"),
     num_samples: int = 2000,
@@ -113,7 +112,7 @@ def evaluate_teacher_solvers(
         teacher, methods, grid_kind, batch_size, euler_into_data=testbed.singular_at_data
     )
     rows += evaluate_samplers(testbed, samplers, nfes, ref, log, keep=keep, keep_nfes=(1, 2, 4, 8))
-    # straightness of the teacher's trajectories (METHODS.md 5.1), on a fine RK4 grid
+    # straightness of the teacher's trajectories (docs/methods.md §5.1), on a fine RK4 grid
     g = solvers.make_grid(grid_kind, 32, teacher.path)
     _, traj = teacher.solve(jnp.asarray(ref.x1[:500]), g, "rk4", return_trajectory=True)
     if keep is not None:
@@ -124,83 +123,14 @@ def evaluate_teacher_solvers(
         "nfe": ref.nfe,
         "mse_vs_tighter": ref.mse_vs_tighter,
         "grid": grid_kind,
-        "straightness": metrics.straightness(np.asarray(traj), g),
+        "straightness": sample_distances.straightness(np.asarray(traj), g),
         "seconds": ref.seconds,
     }
     return {"rows": rows, "reference": reference}
 
 
-def run_evaluate(config, workdir: str) -> dict:
-    """Mode ``evaluate``: the solver table of the configured testbed -> workdir/solvers.{json,md}."""
-    from fewstep_jax.config_utils import as_tuple
-    from fewstep_jax.evaluation.tables import markdown_table, write_json
-    from fewstep_jax.testbeds import make_testbed
-
-    tb = config.testbed
-    testbed = make_testbed(
-        tb.name,
-        tb.path,
-        num_reference=tb.num_reference,
-        seed=config.seed,
-        mnist_path=tb.mnist_path or None,
-        subset=tb.subset,
-    )
-    ev = config.eval
-    keep: dict = {}
-    result = evaluate_teacher_solvers(
-        testbed,
-        as_tuple(ev.nfes, int),
-        as_tuple(ev.solvers, str),
-        ev.num_samples,
-        config.seed,
-        ev.grid,
-        ev.batch_size,
-        keep=keep,
-    )
-    cols = ["testbed", "method", "nfe", "flow_map_mse", *testbed.distance_names]
-    table = markdown_table(result["rows"], cols)
-    print(table)
-    os.makedirs(workdir, exist_ok=True)
-    write_json(os.path.join(workdir, "solvers.json"), result)
-    with open(os.path.join(workdir, "solvers.md"), "w") as f:
-        f.write(table + "\n")
-    _write_solver_report(workdir, testbed, result, keep, cols)
-    return result
-
-
-def _write_solver_report(workdir, testbed, result, keep, cols) -> str:
-    from fewstep_jax.evaluation import report
-
-    trajectories = keep.pop("_trajectories", {})
-    converged = keep.pop("teacher (converged)")
-    panels = {m: {n: x for n, x in by.items() if n <= 8} for m, by in keep.items()}
-    panels["teacher (converged)"] = converged
-    figs = {
-        "Samples per NFE": report.plot_samples(
-            panels,
-            os.path.join(workdir, "samples.png"),
-            reference=None if testbed.is_image else testbed.reference["x"],
-        )
-    }
-    if not testbed.is_image:
-        figs["Teacher trajectories"] = report.plot_trajectories(
-            trajectories, os.path.join(workdir, "trajectories.png")
-        )
-    ref = result["reference"]
-    notes = (
-        f"Testbed `{testbed.name}` on the `{testbed.teacher.path.name}` path. Flow-map MSE is against "
-        f"the exact flow map (adaptive RK45, {ref['nfe']} NFE, MSE {ref['mse_vs_tighter']:.1e} against "
-        f"a 10x tighter solve); grid `{ref['grid']}`. Straightness of the teacher's trajectories: "
-        f"{ref['straightness']:.3g} (0 = straight lines)."
-    )
-    return report.write_report(
-        workdir, f"Teacher solvers on {testbed.name}", result["rows"], cols, figs, notes
-    )
-
-
 __all__ = [
     "evaluate_teacher_solvers",
-    "run_evaluate",
     "solve_batched",
     "solver_samplers",
 ]

@@ -1,5 +1,6 @@
-"""Export to PyTorch (safetensors + config.json + self-contained torch mirrors) and import of
-diffusers UNet2DModel teachers. `torch_models` / `torch_sampler` import torch only (no JAX)."""
+"""Export to PyTorch (safetensors + fewstep.json + self-contained torch mirrors; writing needs no
+torch) and import of diffusers UNet2DModel teachers. `torch_models` / `torch_sampler` import torch
+only (no JAX); `check` compares an exported folder in PyTorch with the JAX network."""
 
 from fewstep_jax.export.convert import (
     check_params,

@@ -1,4 +1,4 @@
-"""Flax params <-> PyTorch state dicts, and the exported folder (safetensors + config.json).
+"""Flax params <-> PyTorch state dicts, and the exported folder (safetensors + fewstep.json).
 
 Key rule (one for every network, `fewstep_jax.models.diffusers_key`): the Flax path joined by
 ".", diffusers' ModuleList names `down_blocks_0 -> down_blocks.0`, leaves kernel/scale/embedding
@@ -7,17 +7,26 @@ Key rule (one for every network, `fewstep_jax.models.diffusers_key`): the Flax p
 An exported folder holds:
   model.safetensors          weights in torch layout (`diffusion_pytorch_model.safetensors` when
                              the network is a plain t-only UNet: diffusers layout, see below)
-  config.json                {"fewstep": {architecture, model, data_shape, input_shape, weights,
-                             dtype, path, prediction, method, student_form, uses_s, sampler,
-                             time_offset, ...meta}} (+ UNet2DModel's kwargs at top level in the
-                             diffusers layout, so `UNet2DModel.from_pretrained(folder)` works)
+  fewstep.json               {architecture, model, data_shape, input_shape, weights, dtype, path,
+                             prediction, method, student_form, uses_s, sampler, time_offset,
+                             ...meta}: what this project's loaders (`torch_models.load_exported`)
+                             read
+  config.json                diffusers layout only: UNet2DModel's config and nothing else, so
+                             `UNet2DModel.from_pretrained(folder)` loads it without a warning
   README.md                  how to load and sample it in plain PyTorch
   torch_models.py, torch_sampler.py   the PyTorch mirrors and samplers (no JAX needed)
+
+Writing the folder needs numpy and safetensors only (bfloat16 through ml_dtypes, a JAX
+dependency); torch is needed to load it (`torch_models`) and for `fewstep_jax.export.check`.
+Folders of format_version 1 kept the metadata inside config.json (`{"fewstep": {...}}`); the
+loaders still read them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import os
 import shutil
@@ -26,36 +35,27 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from fewstep_jax.errors import UserError, require
 from fewstep_jax.models import build_model, diffusers_config, diffusers_key, to_diffusers_state_dict
 from fewstep_jax.paths import Path
+from fewstep_jax.teachers.neural import data_shape_of
 
 WEIGHTS_NAME = "model.safetensors"
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-CONFIG_NAME = "config.json"
+CONFIG_NAME = "config.json"  # diffusers' config (diffusers layout only)
+META_NAME = "fewstep.json"  # this project's metadata
+FORMAT_VERSION = 2  # 1: the metadata was config.json's "fewstep" block
 PREDICTIONS = ("flow", "x0", "eps", "v")
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _COPIED = ("torch_models.py", "torch_sampler.py")
 
 
 # ---- params <-> state dict ----------------------------------------------------------------------
-def data_shape_of(params: Any, model_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """Shape of one sample the network takes: (D,) for the MLP, (H, W, C) for the UNet."""
-    name = model_cfg.get("name")
-    if name == "mlp":
-        flat = traverse_util.flatten_dict(_strip(params))
-        key = ("input_proj", "kernel")
-        if key not in flat:
-            raise ValueError("MLP params have no 'input_proj/kernel' (is this an MLP?)")
-        return (int(flat[key].shape[0]),)
-    if name == "unet":
-        size = int(model_cfg.sample_size)
-        return (size, size, int(model_cfg.in_channels))
-    raise ValueError(f"unknown architecture {name!r}; expected one of ['mlp', 'unet']")
-
-
 def param_shapes(model_cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> dict[tuple, tuple]:
     """{Flax param path: shape} of the network `model_cfg` builds (no compile, no allocation)."""
     model = build_model(model_cfg)
@@ -131,7 +131,7 @@ def export_params(
     meta: dict[str, Any],
     overwrite: bool = False,
 ) -> str:
-    """Write the exported folder `out_dir` (see module docstring); returns its config.json path.
+    """Write the exported folder `out_dir` (see module docstring); returns its fewstep.json path.
 
     meta: "path" (a fewstep_jax Path or {"name": ..., **params}) and "prediction" ("flow" | "x0"
     | "eps" | "v") are required; "method", "student_form" ("euler" | "semilinear"), "uses_s",
@@ -139,15 +139,14 @@ def export_params(
     time_scale + time_offset) and any other JSON-serialisable key are stored as given.
     An existing `out_dir` is a FileExistsError unless overwrite=True.
     """
-    import torch
-    from safetensors.torch import save_file
+    save_file = require("safetensors.numpy", "writing an export folder").save_file
 
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"export dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if dtype not in DTYPES:
+        raise UserError(f"export dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"export folder {out_dir!r} already exists; pass overwrite=True to replace it")
     fewstep = _fewstep_section(meta)
-    data_shape = data_shape_of(params, model_cfg)
+    data_shape = data_shape_of(model_cfg, params)
     check_params(params, model_cfg, data_shape)
 
     diffusers_layout = is_diffusers_compatible(model_cfg)
@@ -162,32 +161,38 @@ def export_params(
         dtype=dtype,
         diffusers_layout=diffusers_layout,
     )
-    config: dict[str, Any] = {}
-    if diffusers_layout:
-        import diffusers
-
-        config.update(
-            {"_class_name": "UNet2DModel", "_diffusers_version": diffusers.__version__},
-            **_jsonable(diffusers_config(model_cfg)),
-        )
-    config["fewstep"] = fewstep
-
-    tdtype = torch.float32 if dtype == "float32" else torch.bfloat16
-    tensors = {k: torch.from_numpy(v).to(tdtype).contiguous() for k, v in to_state_dict(params).items()}
+    # ml_dtypes rounds to bfloat16 to nearest even, as torch's `.to(torch.bfloat16)` does
+    tensors = {k: np.ascontiguousarray(v.astype(DTYPES[dtype])) for k, v in to_state_dict(params).items()}
 
     os.makedirs(out_dir, exist_ok=True)
-    for stale in (WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME):  # a previous export's other layout
+    for stale in (WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME, CONFIG_NAME):  # a previous export's other layout
         if os.path.exists(os.path.join(out_dir, stale)):
             os.remove(os.path.join(out_dir, stale))
     save_file(tensors, os.path.join(out_dir, weights), metadata={"format": "pt"})
-    config_path = os.path.join(out_dir, CONFIG_NAME)
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    if diffusers_layout:
+        _write_json(os.path.join(out_dir, CONFIG_NAME), diffusers_folder_config(model_cfg))
+    meta_path = os.path.join(out_dir, META_NAME)
+    _write_json(meta_path, fewstep)
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write(_readme(fewstep))
     for name in _COPIED:
         shutil.copyfile(os.path.join(_HERE, name), os.path.join(out_dir, name))
-    return config_path
+    return meta_path
+
+
+def diffusers_folder_config(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """config.json of the diffusers layout: `_class_name`, `_diffusers_version` (the installed
+    diffusers'; omitted without one) and UNet2DModel's kwargs, no other key."""
+    config: dict[str, Any] = {"_class_name": "UNet2DModel"}
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        config["_diffusers_version"] = importlib.metadata.version("diffusers")
+    config.update(_jsonable(diffusers_config(model_cfg)))
+    return config
+
+
+def _write_json(path: str, obj: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
 
 
 def _fewstep_section(meta: dict[str, Any]) -> dict[str, Any]:
@@ -206,7 +211,7 @@ def _fewstep_section(meta: dict[str, Any]) -> dict[str, Any]:
     out.setdefault("method", None)
     out.setdefault("sampler", None)
     out["format"] = "fewstep_jax"
-    out["format_version"] = 1
+    out["format_version"] = FORMAT_VERSION
     return out
 
 
@@ -242,7 +247,7 @@ sys.path.insert(0, folder)
 from torch_models import load_exported
 from torch_sampler import sample_exported
 
-model, cfg = load_exported(folder)
+model, cfg = load_exported(folder)  # cfg: this folder's fewstep.json
 samples = sample_exported(model, cfg, torch.randn(16, *cfg["input_shape"]))  # grid/gamma overridable
 out = model(torch.randn(4, *cfg["input_shape"]), torch.full((4,), 0.5))   # the raw network
 ```
@@ -271,9 +276,11 @@ def _jsonable(v: Any) -> Any:
 __all__ = [
     "CONFIG_NAME",
     "DIFFUSERS_WEIGHTS_NAME",
+    "META_NAME",
     "WEIGHTS_NAME",
     "check_params",
     "data_shape_of",
+    "diffusers_folder_config",
     "export_params",
     "from_state_dict",
     "is_diffusers_compatible",

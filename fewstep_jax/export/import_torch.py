@@ -22,6 +22,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from fewstep_jax.errors import require
 from fewstep_jax.export.convert import DIFFUSERS_WEIGHTS_NAME, from_state_dict
 from fewstep_jax.models import build_model, unet_config
 from fewstep_jax.paths import DDPM
@@ -64,13 +65,14 @@ def load_state_file(path: str) -> dict[str, np.ndarray]:
     """{key: float32 numpy array} of a .safetensors file, or of a .bin/.pt/.pth read weights-only."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path!r} not found")
+    if not path.endswith((".safetensors", ".bin", ".pt", ".pth")):
+        raise ValueError(f"unsupported weights file {path!r}: expected .safetensors (or .bin/.pt/.pth)")
+    torch = require("torch", "importing PyTorch weights")  # bfloat16 files need torch's dtypes
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         state = load_file(path)
-    elif path.endswith((".bin", ".pt", ".pth")):
-        import torch
-
+    else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
@@ -80,8 +82,6 @@ def load_state_file(path: str) -> dict[str, np.ndarray]:
             ) from err
         if not isinstance(state, dict):
             raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict")
-    else:
-        raise ValueError(f"unsupported weights file {path!r}: expected .safetensors (or .bin/.pt/.pth)")
     return {k: v.detach().float().cpu().numpy() for k, v in state.items()}
 
 

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as nnf
 
-CONFIG_NAME = "config.json"
+META_NAME = "fewstep.json"  # the export's metadata (fewstep_jax.export.convert)
+CONFIG_NAME = "config.json"  # format_version 1 kept the metadata in config.json["fewstep"]
 
 
 # ---- embeddings (formulas of diffusers / LCM, as in fewstep_jax.models.embeddings) -----------
@@ -264,25 +265,30 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modu
 
 
 def read_config(folder: str) -> dict[str, Any]:
-    """The fewstep section of an exported folder's config.json."""
-    path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in exported folder {folder!r} (looked for {path})")
-    with open(path) as f:
-        cfg = json.load(f)
-    if "fewstep" not in cfg:
-        raise ValueError(f"{path} is not a fewstep-jax export (no 'fewstep' section)")
-    return cfg["fewstep"]
+    """The metadata of an exported folder: its fewstep.json, or the "fewstep" block of its
+    config.json (folders written before fewstep.json, format_version 1)."""
+    path = os.path.join(folder, META_NAME)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    legacy = os.path.join(folder, CONFIG_NAME)
+    if os.path.isfile(legacy):
+        with open(legacy) as f:
+            cfg = json.load(f)
+        if "fewstep" in cfg:
+            return cfg["fewstep"]
+    raise FileNotFoundError(f"no {META_NAME} in {folder!r}: not a fewstep-jax export folder")
 
 
 def load_exported(folder: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """(model in eval mode with the exported weights, fewstep config dict) of an exported folder."""
+    """(model in eval mode with the exported weights, its metadata (`read_config`)) of an exported
+    folder."""
     from safetensors.torch import load_file
 
     cfg = read_config(folder)
     weights = os.path.join(folder, cfg["weights"])
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"weights file {weights!r} named in config.json is missing")
+        raise FileNotFoundError(f"weights file {weights!r} named in {META_NAME} is missing")
     model = build_model(cfg["architecture"], cfg["model"], tuple(cfg["data_shape"]))
     load_state_dict(model, load_file(weights, device="cpu"))
     return model.to(device).eval(), cfg

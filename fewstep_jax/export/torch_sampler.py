@@ -196,11 +196,11 @@ def sample_exported(
     gamma: float | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    """Sample an exported student with its recommended sampler (config.json "sampler")."""
+    """Sample an exported student with its recommended sampler (fewstep.json "sampler")."""
     rec = cfg.get("sampler") or {}
     grid = grid if grid is not None else rec.get("grid")
     if grid is None:
-        raise ValueError("no time grid given and config.json has no recommended sampler grid")
+        raise ValueError("no time grid given and fewstep.json has no recommended sampler grid")
     gamma = float(rec.get("gamma", 0.0)) if gamma is None else gamma
     cond = {k: kwargs.pop(k) for k in ("label", "guidance", "num_steps") if k in kwargs}
     return sample(

@@ -11,6 +11,9 @@ Mode ``export`` of the entry point (``configs/export.py``):
 A teacher run exports as a network predicting ``teacher.prediction``; its recommended sampler
 is the Euler ODE solver on the path's default grid (``torch_sampler`` with form "euler" and no
 s-conditioning is exactly that).
+
+The folder names its source by the run folder's name and checkpoint step only, never by an
+absolute path of the machine that trained it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import ml_collections
 
 from fewstep_jax import solvers
 from fewstep_jax.config_utils import as_tuple
+from fewstep_jax.errors import UserError, did_you_mean
 from fewstep_jax.export.convert import export_params
 from fewstep_jax.paths import get_path
 from fewstep_jax.teachers.neural import latest_checkpoint, restore_state_tree
@@ -35,14 +39,17 @@ EMAS = ("eval", "target")
 
 
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The config a ``distill`` / ``train_teacher`` run wrote to ``<workdir>/config.json``."""
+    """The config a ``distill`` / ``train_teacher`` run wrote to ``<workdir>/config.json``; a
+    missing workdir or config.json is a FileNotFoundError naming it."""
+    if not FilePath(workdir).is_dir():
+        raise FileNotFoundError(f"workdir {os.fspath(workdir)!r} does not exist (expected a training run's)")
     cfg_file = FilePath(workdir) / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"no config.json in {workdir} (not the workdir of a training run)")
     config = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
     mode = config.get("mode")
     if mode not in RUN_MODES:
-        raise ValueError(
+        raise UserError(
             f"{cfg_file} is the config of a {mode!r} run, not of a training run {RUN_MODES} (if the "
             "workdir held a training run, its config.json has been overwritten)"
         )
@@ -55,7 +62,9 @@ def load_run_params(workdir: str | os.PathLike, ema: str | None = "eval") -> tup
     ema: "eval" (the evaluation EMA), "target" (the consistency target EMA, when the method
     keeps one) or None (the raw trained params)."""
     if ema is not None and ema not in EMAS:
-        raise ValueError(f"ema must be one of {EMAS} or None (raw params), got {ema!r}")
+        raise UserError(
+            f"ema must be one of {EMAS} or None (raw params), got {ema!r}{did_you_mean(ema, EMAS)}"
+        )
     try:
         step_dir = latest_checkpoint(workdir)
     except FileNotFoundError as e:
@@ -67,7 +76,7 @@ def load_run_params(workdir: str | os.PathLike, ema: str | None = "eval") -> tup
     else:
         emas = state.get("ema", {})
         if ema not in emas:
-            raise ValueError(f"checkpoint {step_dir} has no {ema!r} EMA (has {sorted(emas)})")
+            raise UserError(f"checkpoint {step_dir} has no {ema!r} EMA (has {sorted(emas)})")
         params = emas[ema]
     return jax.tree.map(jnp.asarray, params), int(step_dir.name)
 
@@ -106,7 +115,7 @@ def steps_condition(config: ml_collections.ConfigDict, nfe: int) -> dict[str, An
         return {}
     kw = fn(nfe)
     if kw is None:
-        raise ValueError(f"this steps-aware student was not trained for {nfe} steps (model.num_step_classes)")
+        raise UserError(f"this steps-aware student was not trained for {nfe} steps (model.num_step_classes)")
     return kw
 
 
@@ -117,7 +126,7 @@ def export_meta(config: ml_collections.ConfigDict, nfe: int = 0, gamma: float = 
     teacher = is_teacher_run(config)
     kind = "euler_ode" if teacher else config.sampler.kind
     if kind == "ctm" and gamma > 0:
-        raise ValueError(
+        raise UserError(
             "torch_sampler implements gamma re-noising of kind 'tcd' only; export a 'ctm' student "
             "with gamma 0 (--config.export.gamma=0)"
         )
@@ -152,40 +161,32 @@ def export_from_workdir(
     overwrite: bool = False,
     nfe: int = 0,
     gamma: float = -1.0,
+    check: bool = False,
 ) -> str:
-    """Writes the exported folder of the run in ``workdir`` to ``out_dir``; returns its config.json.
+    """Writes the exported folder of the run in ``workdir`` to ``out_dir``; returns its fewstep.json.
 
     ema: "eval" | "target" | None (raw params). dtype: "float32" | "bfloat16". nfe / gamma: the
-    recommended sampler (0 / -1: from the run's config). An existing ``out_dir`` is a
-    FileExistsError unless overwrite; a workdir without a finished checkpoint is a
-    FileNotFoundError naming its checkpoints folder.
+    recommended sampler (0 / -1: from the run's config). check: then compare the folder in
+    PyTorch with the JAX network (:func:`fewstep_jax.export.check.check_export`; needs torch,
+    checked before anything is written). An existing ``out_dir`` is a FileExistsError unless
+    overwrite; a workdir without a finished checkpoint is a FileNotFoundError naming its
+    checkpoints folder.
     """
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"export folder {out_dir!r} already exists; pass overwrite=True to replace it")
     config = read_run_config(workdir)
+    if check:
+        from fewstep_jax.export.check import check_export, require_mirror
+
+        require_mirror(config.model, "the PyTorch self-check of an export")
     meta = export_meta(config, nfe, gamma)
     params, step = load_run_params(workdir, ema)
-    meta.update(source_workdir=os.path.abspath(workdir), checkpoint_step=step, ema=ema or "raw")
-    return export_params(params, config.model, out_dir, dtype=dtype, meta=meta, overwrite=overwrite)
-
-
-def run_export(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Mode ``export``: ``export_from_workdir(workdir, config.export.out, ...)`` (configs/export.py)."""
-    ec = config.export
-    if not ec.out:
-        raise ValueError("export needs an output folder: --config.export.out=<folder>")
-    ema = None if ec.ema in ("", "raw", "none") else ec.ema
-    path = export_from_workdir(
-        workdir,
-        ec.out,
-        ema=ema,
-        dtype=ec.dtype,
-        overwrite=bool(ec.overwrite),
-        nfe=int(ec.nfe),
-        gamma=float(ec.gamma),
-    )
-    print(f"exported {workdir} to {os.path.dirname(path)}", flush=True)
+    run_name = os.path.basename(os.path.abspath(workdir))  # not the path: it is the trainer's machine's
+    meta.update(source_run=run_name, checkpoint_step=step, ema=ema or "raw")
+    path = export_params(params, config.model, out_dir, dtype=dtype, meta=meta, overwrite=overwrite)
+    if check:
+        check_export(out_dir, params, config.model)
     return path
 
 
@@ -194,7 +195,6 @@ __all__ = [
     "export_meta",
     "load_run_params",
     "read_run_config",
-    "run_export",
     "sampler_choice",
     "steps_condition",
 ]

@@ -10,7 +10,10 @@ and must be treated as constant (the train step also wraps it in ``stop_gradient
 
 Terms are built by factories registered by name: ``@register("traflow_rec")`` on
 ``factory(cfg: ConfigDict, student: Student) -> term``; ``cfg`` is the term's config block
-(its ``weight`` is applied by the train step, the rest are the term's own hyper-parameters).
+(its ``weight`` is applied by the train step, the rest are the term's own hyper-parameters, read
+by :func:`fewstep_jax.losses.options.read_options`). Every family module registers its terms when
+imported, and ``fewstep_jax/losses/__init__.py`` imports every family, so any import of this
+module (which runs the package's ``__init__`` first) sees the full registry.
 
 Teacher cost: every term that calls the teacher reports ``teacher_nfe`` in its metrics (logged as
 ``<term>/teacher_nfe``): the mean number of teacher network evaluations per training example in
@@ -92,27 +95,14 @@ def register(name: str) -> Callable[[LossFactory], LossFactory]:
 
 def get_factory(name: str) -> LossFactory:
     """The factory registered as ``name``; unknown names list the known ones."""
-    _import_families()
     if name not in _REGISTRY:
         raise ValueError(f"unknown loss term {name!r}; known terms: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
 
 
 def registered() -> list[str]:
-    _import_families()
+    """Every registered term name, sorted."""
     return sorted(_REGISTRY)
-
-
-def _import_families() -> None:
-    # importing a family module registers its terms; families that do not exist yet are skipped
-    import importlib
-
-    for mod in ("flow_matching", "trajectory", "tcd", "distribution_matching"):
-        try:
-            importlib.import_module(f"fewstep_jax.losses.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"fewstep_jax.losses.{mod}":
-                raise
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Distances between predictions and targets, shared by every loss family (METHODS.md 1.3).
+"""Distances between predictions and targets, shared by every loss family (docs/methods.md §1.3).
 
 * ``l2``: squared error, averaged over the dimensions of a sample.
 * ``huber`` (alias ``pseudo_huber``), elementwise form (diffusers LCM, TCD scripts, TDM demo):
@@ -6,6 +6,7 @@
 * ``huber_vec``, vector form (iCT): ``sqrt(|a-b|^2 + c^2) - c`` per sample, ``c = 0.00054 sqrt(d)``.
 
 The two pseudo-Huber forms differ in scale by about sqrt(d) (pitfall 16): pick one explicitly.
+:data:`DISTANCES` is the one list of kinds; each family allows a subset (:func:`allowed`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ import jax.numpy as jnp
 
 Array = jax.Array
 DISTANCES = ("l2", "huber", "pseudo_huber", "huber_vec")
+
+
+def allowed(*kinds: str) -> tuple[str, ...]:
+    """A family's allowed distance kinds, each one of :data:`DISTANCES` (checked at import)."""
+    bad = [k for k in kinds if k not in DISTANCES]
+    if bad:
+        raise ValueError(f"distances {bad} are not in DISTANCES {DISTANCES}")
+    return kinds
 
 
 def elementwise(diff: Array, kind: str = "l2", c: float = 0.0) -> Array:
@@ -40,4 +49,9 @@ def distance(a: Array, b: Array, kind: str = "l2", c: float = 0.0) -> Array:
     return jnp.mean(elementwise(diff, kind, c), axis=1)
 
 
-__all__ = ["DISTANCES", "distance", "elementwise"]
+def mean_distance(a: Array, b: Array, kind: str = "l2", c: float = 0.0) -> Array:
+    """Batch mean of :func:`distance`: a float32 scalar."""
+    return jnp.mean(distance(a, b, kind, c))
+
+
+__all__ = ["DISTANCES", "allowed", "distance", "elementwise", "mean_distance"]

@@ -6,7 +6,7 @@ velocity target is ``alpha' x0 + sigma' eps`` (``eps - x0`` on the rectified-flo
 Batches carry ``"x"`` (B, ...) data and, for conditional teachers, ``"label"`` (B,) int32,
 replaced by the null label -1 with probability ``label_dropout`` (classifier-free guidance).
 
-Config keys (besides the train step's ``weight``):
+Config keys (besides the train step's ``weight``), read by :func:`~fewstep_jax.losses.options.read_options`:
   flow_matching: t_min (1e-3), t_sampling ("uniform" | "logit_normal"), logit_mean (0.0),
     logit_std (1.0), label_dropout (0.0).
   diffusion: t_min (1e-3), t_sampling ("uniform" | "discrete": DDPM timesteps k -> (k+1)/T on
@@ -20,19 +20,20 @@ import jax.numpy as jnp
 import ml_collections
 
 from fewstep_jax.losses.api import LossInputs, register
+from fewstep_jax.losses.options import read_options
 from fewstep_jax.students import Student
 from fewstep_jax.teachers.base import NULL_LABEL
 
 Array = jax.Array
 
-_FM_KEYS = {"weight", "t_min", "t_sampling", "logit_mean", "logit_std", "label_dropout"}
-_DIFF_KEYS = {"weight", "t_min", "t_sampling", "label_dropout"}
-
-
-def _check_keys(name: str, cfg: ml_collections.ConfigDict, known: set[str]) -> None:
-    unknown = sorted(set(cfg.keys()) - known)
-    if unknown:
-        raise ValueError(f"loss term {name!r}: unknown config keys {unknown}; known: {sorted(known)}")
+FLOW_MATCHING_DEFAULTS = {
+    "t_min": 1e-3,
+    "t_sampling": "uniform",
+    "logit_mean": 0.0,
+    "logit_std": 1.0,
+    "label_dropout": 0.0,
+}
+DIFFUSION_DEFAULTS = {"t_min": 1e-3, "t_sampling": "uniform", "label_dropout": 0.0}
 
 
 def drop_labels(rng: Array, label: Array, p: float) -> Array:
@@ -61,13 +62,12 @@ def _regression(student: Student, params, batch: dict, t: Array, rng: Array, p_d
 @register("flow_matching")
 def flow_matching(cfg: ml_collections.ConfigDict, student: Student):
     """Flow matching: t ~ U[t_min, 1] or logit-normal (SD3) clipped to [t_min, 1]."""
-    _check_keys("flow_matching", cfg, _FM_KEYS)
-    t_min = float(cfg.get("t_min", 1e-3))
-    sampling = cfg.get("t_sampling", "uniform")
-    if sampling not in ("uniform", "logit_normal"):
-        raise ValueError(f"flow_matching.t_sampling={sampling!r}; expected 'uniform' or 'logit_normal'")
-    mu, std = float(cfg.get("logit_mean", 0.0)), float(cfg.get("logit_std", 1.0))
-    p_drop = float(cfg.get("label_dropout", 0.0))
+    o = read_options(
+        cfg, FLOW_MATCHING_DEFAULTS, "flow_matching", {"t_sampling": ("uniform", "logit_normal")}
+    )
+    t_min, sampling = float(o["t_min"]), o["t_sampling"]
+    mu, std = float(o["logit_mean"]), float(o["logit_std"])
+    p_drop = float(o["label_dropout"])
 
     def term(params, inputs: LossInputs, batch: dict, rng: Array):
         k_t, k = jax.random.split(rng)
@@ -84,16 +84,13 @@ def flow_matching(cfg: ml_collections.ConfigDict, student: Student):
 @register("diffusion")
 def diffusion(cfg: ml_collections.ConfigDict, student: Student):
     """Diffusion objective in the network's prediction kind (eps / v / x0) on its path."""
-    _check_keys("diffusion", cfg, _DIFF_KEYS)
+    o = read_options(cfg, DIFFUSION_DEFAULTS, "diffusion", {"t_sampling": ("uniform", "discrete")})
     if student.prediction not in ("eps", "v", "x0", "flow"):
         raise ValueError(f"diffusion loss: unsupported prediction {student.prediction!r}")
-    t_min = float(cfg.get("t_min", 1e-3))
-    sampling = cfg.get("t_sampling", "uniform")
-    if sampling not in ("uniform", "discrete"):
-        raise ValueError(f"diffusion.t_sampling={sampling!r}; expected 'uniform' or 'discrete'")
+    t_min, sampling = float(o["t_min"]), o["t_sampling"]
     if sampling == "discrete" and not hasattr(student.path, "num_train_timesteps"):
         raise ValueError(f"diffusion.t_sampling='discrete' needs the ddpm path, got {student.path.name!r}")
-    p_drop = float(cfg.get("label_dropout", 0.0))
+    p_drop = float(o["label_dropout"])
 
     def term(params, inputs: LossInputs, batch: dict, rng: Array):
         k_t, k = jax.random.split(rng)
@@ -108,4 +105,4 @@ def diffusion(cfg: ml_collections.ConfigDict, student: Student):
     return term
 
 
-__all__ = ["diffusion", "drop_labels", "flow_matching"]
+__all__ = ["DIFFUSION_DEFAULTS", "FLOW_MATCHING_DEFAULTS", "diffusion", "drop_labels", "flow_matching"]

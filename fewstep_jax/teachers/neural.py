@@ -1,4 +1,4 @@
-"""A trained network as a Teacher (DESIGN.md "Teacher", source *neural*).
+"""A trained network as a Teacher (docs/design.md "Teacher", source *neural*).
 
 ``neural_teacher`` wraps params of a ``fewstep_jax.models`` network; ``load_teacher_from_workdir``
 rebuilds one from a ``train_teacher`` run: ``<workdir>/config.json`` (model, path, prediction)
@@ -21,7 +21,7 @@ from fewstep_jax.paths import Path, get_path
 from fewstep_jax.teachers.base import Teacher
 
 CHECKPOINTS = "checkpoints"
-COMMIT_MARKER = "commit_success.txt"  # fewstep_jax.checkpoints.COMMIT_MARKER
+COMMIT_MARKER = "commit_success.txt"  # fewstep_jax.runs.checkpoints.COMMIT_MARKER
 
 
 @functools.lru_cache(maxsize=64)
@@ -95,10 +95,21 @@ def restore_state_tree(step_dir: str | FilePath) -> dict:
 
 
 def data_shape_of(model_cfg: ml_collections.ConfigDict, params: Any) -> tuple[int, ...]:
-    """Sample shape of a network: (D,) for an MLP (from its input layer), (H, W, C) for a UNet."""
-    if model_cfg.name == "unet":
-        return (int(model_cfg.sample_size), int(model_cfg.sample_size), int(model_cfg.in_channels))
-    return (int(np.shape(params["input_proj"]["kernel"])[0]),)
+    """Shape of one sample the network takes: (D,) for an MLP (from its input layer's kernel in
+    ``params``, bare or wrapped as ``{"params": ...}``), (H, W, C) for a UNet (from ``model_cfg``)."""
+    name = model_cfg.get("name")
+    if name == "unet":
+        size = int(model_cfg.sample_size)
+        return (size, size, int(model_cfg.in_channels))
+    if name == "mlp":
+        params = params.unfreeze() if hasattr(params, "unfreeze") else params
+        if isinstance(params, dict) and set(params) == {"params"}:
+            params = params["params"]
+        try:
+            return (int(np.shape(params["input_proj"]["kernel"])[0]),)
+        except (KeyError, TypeError) as e:
+            raise ValueError("MLP params have no 'input_proj/kernel' (is this an MLP?)") from e
+    raise ValueError(f"unknown architecture {name!r}; expected one of ['mlp', 'unet']")
 
 
 def load_teacher_from_workdir(workdir: str | FilePath, ema: str = "eval") -> Teacher:

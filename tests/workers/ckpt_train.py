@@ -11,11 +11,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for fewstep_jax
 from tiny_model import batch, init_state, train_step
 
-from fewstep_jax import checkpoints
+from fewstep_jax.runs import checkpoints
 
 
 def main(workdir: str, steps: int, save_every: int, sleep: float) -> None:

@@ -6,13 +6,10 @@ Usage: multiproc_train.py OUT.npz STEPS DATA FSDP MIN_SIZE
 """
 
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for fewstep_jax
 from tiny_model import batch, init_state, train_step
 
 from fewstep_jax import parallel
@@ -40,12 +37,14 @@ def main(out: str, steps: int, data: int, fsdp: int, min_size: int) -> None:
         state, loss = step(state, parallel.global_batch(local, mesh))
         losses.append(float(loss))
     params = multihost_utils.process_allgather(state["params"], tiled=True)
-    sharded = [
-        k for k, v in state["params"].items() if not v.sharding.is_fully_replicated
-    ]
+    sharded = [k for k, v in state["params"].items() if not v.sharding.is_fully_replicated]
     if p == 0:
-        np.savez(out, losses=np.array(losses), sharded=np.array(sharded, dtype=str),
-                 **{f"p_{k}": np.asarray(v) for k, v in params.items()})
+        np.savez(
+            out,
+            losses=np.array(losses),
+            sharded=np.array(sharded, dtype=str),
+            **{f"p_{k}": np.asarray(v) for k, v in params.items()},
+        )
 
 
 if __name__ == "__main__":

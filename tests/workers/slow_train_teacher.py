@@ -6,9 +6,6 @@ Usage: slow_train_teacher.py SLEEP_S -- <fewstep_jax.main flags>
 
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo
 
 from fewstep_jax import main
 from fewstep_jax.data import sources

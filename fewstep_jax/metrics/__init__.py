@@ -1,0 +1,1 @@
+"""Sample-quality metrics: distances between sample sets, feature maps, Inception and FID."""

@@ -1,0 +1,100 @@
+"""Distribution-matching recipes: TDM (K = 4, 1, 2, steps-aware) and the DMD / DMD2 baselines.
+
+Generator = the student, data-free (``student.data = "noise"``); an aux network ``fake`` (the
+fake score) tracks the generator's distribution with its own optimizer, updated first in every
+step (METHODS.md 4.3 / 5.5):
+
+* both optimizers Adam with betas (0, 0.95) (the demo's AdamW betas; no weight decay on the
+  small toy networks) and the fake's lr 5x the generator's (METHODS.md 4.3);
+* the student is ``semilinear`` (``G(x, t, s) = alpha_s x0 + sigma_s eps``: TDM's deterministic
+  DDIM step; identical to Euler on the rectified-flow path) and has no ``s`` input;
+* the fake score is the student's network without ``s`` (same ``num_step_classes``), initialised
+  from a network teacher (``config.teacher.workdir``) when there is one;
+* an analytic teacher has no network to copy into the fake score, so the fake trains alone for
+  the first ``train.main_start`` steps on the fresh student's samples (fake warm-up) before the
+  generator starts; with a network teacher set ``--config.train.main_start=0``. The warm-up is
+  part of the step budget (every recipe of a table trains the same number of steps).
+* TDM's student times: ``total_steps = 1000`` so that on a DDPM path the K steps start at
+  t = 1, .75, .5, .25 (K = 4), the student sampler's uniform grid (the demo's 900 starts at 0.9);
+  no effect on continuous paths.
+* ``tdm*`` use the demo's elementwise pseudo-Huber (c = 1e-3: for gaps much larger than c its
+  gradient is the *sign* of each coordinate's DM gap), ``tdm*_l2`` the squared distance (the
+  gradient is the gap itself); the README's DM tables compare the two.
+* DMD / DMD2 are one-step generators (``sampler.nfes = (1,)``); DMD2 = DMD with TTUR
+  (generator every 5th step, ``train.main_every``): the pure distribution-matching part.
+  ``dmd_reg`` is DMD v1: plus the regression ``mean|G(z) - Phi_teacher(z)|^2`` on teacher pairs
+  generated once (``student.data = "pairs"``, as reflow), L2 where the paper has LPIPS. DMD2's
+  GAN head (it needs real data) is not built.
+"""
+
+import ml_collections
+
+from fewstep_jax.recipes.trajectory import teacher_pairs
+
+WARMUP_FRACTION = 0.1  # fake-only steps of an analytic-teacher run, fraction of the budget
+FAKE_LR_RATIO = 5.0
+BETAS = (0.0, 0.95)
+TDM_TOTAL_STEPS = 1000
+
+
+def _dm_common(c, fake_losses: dict, prediction: str = "flow") -> None:
+    c.student.form = "semilinear"
+    c.student.prediction = prediction
+    c.student.data = "noise"
+    c.model.use_s = False
+    c.optim.b1, c.optim.b2 = BETAS
+    c.optim.lr = float(c.optim.lr) / FAKE_LR_RATIO
+    c.optim.schedule = "constant"
+    fake_model = ml_collections.ConfigDict(c.model.to_dict())
+    c.aux_nets.fake = {
+        "model": fake_model,
+        "losses": fake_losses,
+        "optim": {"lr": float(c.optim.lr) * FAKE_LR_RATIO, "b1": BETAS[0], "b2": BETAS[1]},
+        "update_every": 1,
+        "init_from_teacher": True,
+        "prediction": prediction,
+    }
+    c.train.main_start = int(WARMUP_FRACTION * int(c.train.num_steps))
+    c.sampler.grid = "uniform"
+    c.sampler.gammas = (0.0,)
+
+
+def tdm(c, num_steps=(4,), distance: str = "pseudo_huber") -> None:
+    """TDM with K in ``num_steps`` (one K, or several: the sampling-steps-aware TDM-unify).
+
+    ``distance``: the demo's elementwise pseudo-Huber (c = 1e-3), or ``l2`` (the demo's other
+    branch; the ``*_l2`` recipes), whose gradient keeps the size of each coordinate's DM gap.
+    """
+    ks = tuple(int(k) for k in num_steps)
+    if len(ks) > 1:
+        c.model.num_step_classes = len(ks)
+    sched = {"num_steps": ks, "total_steps": TDM_TOTAL_STEPS, "interval": "separate"}
+    _dm_common(c, {"tdm_fake": {"weight": 1.0, **sched}})
+    c.losses.tdm = {"weight": 1.0, **sched, "distance": distance}
+    c.sampler.nfes = tuple(sorted(set(ks) | {1, 2, 4})) if len(ks) > 1 else (1, 2, 4)
+
+
+def dmd(c, main_every: int = 1) -> None:
+    """One-step DMD generator (DMD2 with ``main_every = 5``), no regression / GAN terms."""
+    _dm_common(c, {"dmd_fake": {"weight": 1.0}})
+    c.losses.dmd = {"weight": 1.0}
+    c.train.main_every = main_every
+    c.sampler.nfes = (1,)
+
+
+def dmd_reg(c, reg_weight: float = 0.25) -> None:
+    """DMD v1: the one-step DMD generator plus the regression on teacher pairs."""
+    dmd(c)
+    teacher_pairs(c)
+    c.losses.dmd.reg_weight = reg_weight
+
+
+_TDM_STEPS = {"tdm": (4,), "tdm_k1": (1,), "tdm_k2": (2,), "tdm_unify": (1, 2, 4)}
+
+RECIPES = {
+    **{name: (lambda c, ks=ks: tdm(c, ks)) for name, ks in _TDM_STEPS.items()},
+    **{f"{name}_l2": (lambda c, ks=ks: tdm(c, ks, "l2")) for name, ks in _TDM_STEPS.items()},
+    "dmd": dmd,
+    "dmd2": lambda c: dmd(c, main_every=5),
+    "dmd_reg": dmd_reg,
+}

@@ -197,11 +197,11 @@ def test_export_records_no_local_path_and_passes_its_self_check(run, tmp_path, c
     assert "self-check passed" in capsys.readouterr().out
     machine = [str(wd.parent), os.path.expanduser("~"), os.getcwd()]
     for name in sorted(os.listdir(out)):
-        text = (out / name).read_text()
+        data = (out / name).read_bytes()  # model.safetensors is binary: search its bytes
         absolute = (
-            [s for s in strings(json.loads(text)) if s.startswith("/")] if name.endswith(".json") else []
+            [s for s in strings(json.loads(data)) if s.startswith("/")] if name.endswith(".json") else []
         )
-        assert absolute == [] and not any(m in text for m in machine), (name, absolute)
+        assert absolute == [] and not any(m.encode() in data for m in machine), (name, absolute)
 
 
 def test_command_line_export_without_torch(run, tmp_path):

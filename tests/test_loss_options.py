@@ -61,7 +61,8 @@ def test_choices_are_checked_for_the_terms_own_options_only():
 
 @pytest.mark.parametrize("name", sorted(TERMS))
 def test_every_registered_term_reads_its_block_with_the_shared_reader(name):
-    assert set(registered()) == TERMS
+    # other test modules register test-only terms (prefix "test_") in the same process
+    assert {n for n in registered() if not n.startswith("test_")} == TERMS
     student = Student(lambda *a: a[1], RectifiedFlow())
     with pytest.raises(ValueError, match=rf"loss term '{name}': unknown config keys \['wieght'\]") as e:
         get_factory(name)(ml_collections.ConfigDict({"wieght": 1.0}), student)

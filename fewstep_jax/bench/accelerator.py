@@ -466,7 +466,8 @@ def markdown_report(p: dict) -> str:
             ["steps", "batch", "wall_seconds", "steps/s (wall)", "final loss", "tail change"],
         ),
         "",
-        f"Wall seconds include compilation and the final evaluation{' (resumed run)' if t['resumed'] else ''}. "
+        "Wall seconds include compilation and the final evaluation"
+        f"{' (resumed run)' if t['resumed'] else ''}. "
         f"Tail change: mean loss over the last {TAIL:.0%} of the {len(t['loss_curve'])} logged steps vs the "
         f"{TAIL:.0%} before (the curve is in accelerator.json).",
     ]
@@ -478,7 +479,8 @@ def markdown_report(p: dict) -> str:
         "",
         f"## 2. Students: {', '.join(p['recipes'])}, {s['steps']} steps at batch {s['batch']}",
         "",
-        f"{MAIN_DISTANCE} (FD in the MNIST classifier's features, {ref['num_samples']} class-balanced samples, "
+        f"{MAIN_DISTANCE} (FD in the MNIST classifier's features, "
+        f"{ref['num_samples']} class-balanced samples, "
         f"pooled; lower is better); the converged teacher (adaptive RK45, {ref['nfe']} NFE) is the reference "
         "of the flow-map MSE. Full rows: distill.md.",
         "",
@@ -576,7 +578,8 @@ def run(
     (root / "accelerator.md").write_text(text)
     print(text)
     print(
-        f"wrote {root / 'accelerator.json'} and {root / 'accelerator.md'} ({payload['seconds']['total']:.0f} s)"
+        f"wrote {root / 'accelerator.json'} and {root / 'accelerator.md'} "
+        f"({payload['seconds']['total']:.0f} s)"
     )
     return payload
 

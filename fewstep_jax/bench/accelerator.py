@@ -100,6 +100,7 @@ class Budget:
     teacher_eval_samples: int = 1000  # train_teacher's final evaluation (config eval.train_num_samples)
     teacher_eval_nfes: tuple[int, ...] = (1, 2, 4, 8, 16)
     num_reference: int = 10_000  # data images the distances compare against
+    gammas: tuple[float, ...] | None = None  # student sampler gammas (None: each recipe's)
     mnist_model: dict = dataclasses.field(default_factory=dict)  # UNet overrides of teacher and students
     cifar_model: dict = dataclasses.field(default_factory=dict)  # UNet overrides of the timed step
 
@@ -138,17 +139,18 @@ BUDGETS = {
         teacher_eval_samples=32,
         teacher_eval_nfes=(1, 2),
         num_reference=500,
+        gammas=(0.0,),
         mnist_model={
-            "block_out_channels": (8, 16),
-            "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-            "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+            "block_out_channels": (8,),
+            "down_block_types": ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",),
             "norm_num_groups": 8,
             "attention_head_dim": 8,
         },
         cifar_model={
-            "block_out_channels": (32, 32),
-            "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-            "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+            "block_out_channels": (32,),
+            "down_block_types": ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",),
             "layers_per_block": 1,
             "attention_head_dim": 32,
         },
@@ -291,6 +293,7 @@ def train_mnist_teacher(c: ml_collections.ConfigDict, workdir: FilePath, log=pri
         "workdir": str(workdir),
         "steps": int(c.train.num_steps),
         "batch": int(c.train.batch_size),
+        "prediction": str(c.teacher.prediction),
         "wall_seconds": wall,
         "steps_per_wall_second": int(c.train.num_steps) / wall,
         "resumed": resumed,
@@ -307,12 +310,23 @@ def train_mnist_teacher(c: ml_collections.ConfigDict, workdir: FilePath, log=pri
 
 
 def distill_students(
-    budget: Budget, mnist: str, teacher_workdir: str, out: FilePath, recipes, command: str, log=print
+    budget: Budget,
+    mnist: str,
+    teacher: dict,
+    out: FilePath,
+    recipes,
+    command: str,
+    log=print,
 ) -> dict:
     """The harness's table of ``recipes`` from the trained teacher (``out/distill.{json,md}``)."""
     from fewstep_jax.bench import distill as harness
 
     sets = {
+        # a student initialised from the teacher must read its output as the teacher does: TCD's
+        # recipe reads it as v (made for a VP teacher), which turns a flow teacher's copied
+        # params into another map (the tiny run: flow-map MSE 1.03 at 1 NFE vs the teacher's
+        # Euler 0.047); a no-op for traflow and tdm*, whose students predict flow already
+        "student.prediction": teacher["prediction"],
         "testbed.mnist_path": mnist,
         "testbed.num_reference": budget.num_reference,
         "train.main_start": 0,  # TDM's fake score starts from the teacher: no warm-up
@@ -327,9 +341,10 @@ def distill_students(
         str(out / "distill.json"),
         str(out / "runs"),
         log,
-        teacher_workdir=teacher_workdir,
+        teacher_workdir=teacher["workdir"],
         sets=sets,
         nfes=NFES,
+        gammas=budget.gammas,
         pooled=True,  # 128-2000 samples: a Frechet distance per class would rest on too few
         reference_rtol=budget.reference_rtol,
         command=f"{command}  # part 2 of 3",
@@ -549,7 +564,7 @@ def run(
     t0 = time.time()
     teacher = train_mnist_teacher(teacher_config(budget, mnist), root / "teacher", log)
     t1 = time.time()
-    dist = distill_students(budget, mnist, teacher["workdir"], root, recipes, command, log)
+    dist = distill_students(budget, mnist, teacher, root, recipes, command, log)
     t2 = time.time()
     log(f"== step timing: CIFAR-10 UNet, batch {budget.timing_batch}")
     timing = time_train_step(timing_config(budget, acc), budget, acc)

@@ -1,0 +1,1 @@
+"""Everything about a workdir on disk: checkpoints, metric writers, reading a finished run."""

@@ -1,4 +1,4 @@
-"""Consistency distillation (CD) of the CIFAR-10 VP teacher (METHODS.md 5.2).
+"""Consistency distillation (CD) of the CIFAR-10 VP teacher (docs/methods.md §5.2).
 
 python -m fewstep_jax.main --config=configs/cifar10_cd.py --workdir=runs/cifar10_cd
 python -m fewstep_jax.modes.dryrun --config=configs/cifar10_cd.py

@@ -1,5 +1,5 @@
 """Consistency trajectory model (CTM, without GAN and DSM) of the CIFAR-10 VP teacher
-(METHODS.md 5.4).
+(docs/methods.md §5.4).
 
 python -m fewstep_jax.main --config=configs/cifar10_ctm.py --workdir=runs/cifar10_ctm
 python -m fewstep_jax.modes.dryrun --config=configs/cifar10_ctm.py

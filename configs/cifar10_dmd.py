@@ -1,5 +1,5 @@
 """DMD2-style distribution matching (no GAN) of the CIFAR-10 rectified-flow teacher
-(METHODS.md 5.5).
+(docs/methods.md §5.5).
 
 python -m fewstep_jax.main --config=configs/cifar10_dmd.py --workdir=runs/cifar10_dmd
 python -m fewstep_jax.modes.dryrun --config=configs/cifar10_dmd.py

@@ -1,5 +1,5 @@
 """Latent-consistency-style distillation (LCM, pixel space) of the CIFAR-10 VP teacher
-(METHODS.md 5.3).
+(docs/methods.md §5.3).
 
 python -m fewstep_jax.main --config=configs/cifar10_lcm.py --workdir=runs/cifar10_lcm
 python -m fewstep_jax.modes.dryrun --config=configs/cifar10_lcm.py

@@ -1,4 +1,4 @@
-"""CIFAR-10 (32x32, unconditional) rectified-flow teacher of the DDPM++ size (METHODS.md 5.1).
+"""CIFAR-10 (32x32, unconditional) rectified-flow teacher of the DDPM++ size (docs/methods.md §5.1).
 
 python -m fewstep_jax.main --config=configs/cifar10_rf_teacher.py --workdir=runs/cifar10_rf_teacher
 python -m fewstep_jax.modes.dryrun --config=configs/cifar10_rf_teacher.py    # memory/FLOPs, no accelerator

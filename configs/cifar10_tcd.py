@@ -1,4 +1,4 @@
-"""Trajectory consistency distillation (TCD) of the CIFAR-10 VP teacher (METHODS.md 3.2).
+"""Trajectory consistency distillation (TCD) of the CIFAR-10 VP teacher (docs/methods.md §3.2).
 
 python -m fewstep_jax.main --config=configs/cifar10_tcd.py --workdir=runs/cifar10_tcd
 python -m fewstep_jax.modes.dryrun --config=configs/cifar10_tcd.py

@@ -1,5 +1,5 @@
 """Trajectory distribution matching (TDM) of the CIFAR-10 rectified-flow teacher
-(METHODS.md 4.3, adapted to an RF teacher as in 4.7).
+(docs/methods.md §4.3, adapted to an RF teacher as in 4.7).
 
 python -m fewstep_jax.main --config=configs/cifar10_tdm.py --workdir=runs/cifar10_tdm
 python -m fewstep_jax.modes.dryrun --config=configs/cifar10_tdm.py

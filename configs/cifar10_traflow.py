@@ -1,4 +1,4 @@
-"""TraFlow student of the CIFAR-10 rectified-flow teacher (METHODS.md 2.3, CTM recipe numbers).
+"""TraFlow student of the CIFAR-10 rectified-flow teacher (docs/methods.md §2.3, CTM recipe numbers).
 
 python -m fewstep_jax.main --config=configs/cifar10_traflow.py --workdir=runs/cifar10_traflow
 python -m fewstep_jax.modes.dryrun --config=configs/cifar10_traflow.py

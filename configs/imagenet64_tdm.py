@@ -1,4 +1,4 @@
-"""TDM of the ImageNet-64 class-conditional RF teacher, 4-step generator (METHODS.md 4.3, 4.7).
+"""TDM of the ImageNet-64 class-conditional RF teacher, 4-step generator (docs/methods.md §4.3, 4.7).
 
 python -m fewstep_jax.main --config=configs/imagenet64_tdm.py --workdir=runs/imagenet64_tdm
 python -m fewstep_jax.modes.dryrun --config=configs/imagenet64_tdm.py

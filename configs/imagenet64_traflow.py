@@ -1,4 +1,4 @@
-"""TraFlow student of the ImageNet-64 class-conditional RF teacher (METHODS.md 2.3).
+"""TraFlow student of the ImageNet-64 class-conditional RF teacher (docs/methods.md §2.3).
 
 python -m fewstep_jax.main --config=configs/imagenet64_traflow.py --workdir=runs/imagenet64_traflow
 python -m fewstep_jax.modes.dryrun --config=configs/imagenet64_traflow.py

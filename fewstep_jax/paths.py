@@ -1,6 +1,6 @@
 """Interpolation paths ``x_t = alpha(t) x0 + sigma(t) eps`` and conversions between predictions.
 
-Time runs over ``t in [0, 1]``: ``t = 0`` is data, ``t = 1`` is noise (METHODS.md 1.1). A path owns
+Time runs over ``t in [0, 1]``: ``t = 0`` is data, ``t = 1`` is noise (docs/methods.md §1.1). A path owns
 ``alpha``, ``sigma``, their time derivatives, the log signal-to-noise ratio and its inverse, and the
 conversions between the five predictions a network can make:
 
@@ -11,7 +11,7 @@ conversions between the five predictions a network can make:
 
 Paths are frozen dataclasses (hashable), so they can be static arguments of jitted functions.
 Divisions by ``alpha`` or ``sigma`` (x0 -> eps near t = 0, eps -> x0 near t = 1) use a floor
-``DENOM_FLOOR`` (METHODS.md pitfall 2); ``flow`` and ``v`` convert without any division that
+``DENOM_FLOOR`` (docs/methods.md pitfall 2); ``flow`` and ``v`` convert without any division that
 vanishes on [0, 1], so they are the stable carriers near both endpoints.
 """
 

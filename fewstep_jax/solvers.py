@@ -169,7 +169,7 @@ def x0_eps_from_velocity(velocity: Velocity, path: Path, x: Array, t: Array) -> 
 def ddim_step(velocity: Velocity, path: Path, x: Array, t: Array, s: Array) -> Array:
     """First-order exponential integrator (DDIM, DPM-Solver++(1)): ``alpha_s x0 + sigma_s eps``.
 
-    On the rectified-flow path this is exactly an Euler step (METHODS.md 1.2).
+    On the rectified-flow path this is exactly an Euler step (docs/methods.md §1.2).
     """
     x0, eps = x0_eps_from_velocity(velocity, path, x, t)
     a_s, s_s = path.alpha_sigma(s)

@@ -211,7 +211,7 @@ def test_tdm_two_step_student_matches_a_gaussian_teacher():
     N(0, 1); there is no teacher network to copy into the fake score, so the fake is warmed up
     with 150 fake-only steps on the student's initial samples (the role DMD's "fake = teacher"
     initialisation plays when the student starts at the teacher). Then 1:1 alternating updates,
-    fake lr = 5 x generator lr (METHODS.md 4.3); Adam momenta are kept (b1 > 0) for the short run.
+    fake lr = 5 x generator lr (docs/methods.md §4.3); Adam momenta are kept (b1 > 0) for the short run.
     """
     mu, c, K, B = 1.5, 0.5, 2, 256
     teacher = gaussian_mixture_teacher(gmm_params([[mu]], [[[c * c]]], [1.0]), RF, conditional=False)

@@ -1,4 +1,4 @@
-"""Paths and prediction conversions (METHODS.md 1.1, 8): round trips, identities, endpoints."""
+"""Paths and prediction conversions (docs/methods.md §1.1, 8): round trips, identities, endpoints."""
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,7 @@ def test_rectified_flow_conventions():
     np.testing.assert_allclose(s, [0.0, 0.25, 1.0])
     np.testing.assert_allclose(da, -1.0)
     np.testing.assert_allclose(ds, 1.0)
-    # u = eps - x0 and x0 = x_t - t u (METHODS.md 1.1)
+    # u = eps - x0 and x0 = x_t - t u (docs/methods.md §1.1)
     x0, eps, t = jnp.full((2, 1), 2.0), jnp.full((2, 1), -1.0), jnp.array([0.3, 0.7])
     u = rf.from_x0_eps("flow", x0, eps, t)
     np.testing.assert_allclose(u, -3.0)
@@ -91,7 +91,7 @@ def test_edm_sigma_of_rf_is_t_over_one_minus_t():
 
 
 def test_rescale_between_paths_matches_marginals():
-    """A state of one path maps to the same noisy point of another (METHODS.md 1.1 table)."""
+    """A state of one path maps to the same noisy point of another (docs/methods.md §1.1 table)."""
     rf, vp = get_path("rf"), get_path("vp_cosine")
     x0 = jnp.ones((3, 2)) * 0.7
     eps = jnp.array([[0.1, -0.2], [1.0, 0.5], [-1.0, 2.0]])

@@ -35,7 +35,7 @@ of pytorch-fid's ``--save-stats`` and of OpenAI's ADM reference batches (extra k
 **How the numbers compare to the papers'.** Same network and weights as the TF FID; the
 remaining differences are the resize (above), the input scaling and library numerics.
 pytorch-fid reports agreement with TF FID to about 1e-3 relative (0.08 absolute) on LSUN; the
-CIFAR-10 numbers in METHODS.md section 6 are FID-50k (50 000 samples) against the CIFAR-10
+CIFAR-10 numbers in docs/methods.md §6 are FID-50k (50 000 samples) against the CIFAR-10
 *training* set (50 000 images), to our knowledge mostly computed with the TF graph or NVIDIA's
 translation of it. So compare to the papers at the level of a few percent, not the second
 decimal, and compare our own runs with each other exactly: always the same weights, this code

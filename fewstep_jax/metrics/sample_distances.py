@@ -199,7 +199,7 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
 
 
 def straightness(trajectory: Any, times: Any) -> float:
-    """Straightness of discretised ODE trajectories (METHODS.md 5.1, normalised per dimension).
+    """Straightness of discretised ODE trajectories (docs/methods.md §5.1, normalised per dimension).
 
     trajectory (N+1, B, ...) holds x at times (N+1,) (e.g. from t = 1 down to t = 0), N >= 1.
     With the mean velocity v = (x_N - x_0) / (t_N - t_0) and the step velocities

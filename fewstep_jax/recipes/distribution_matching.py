@@ -2,10 +2,10 @@
 
 Generator = the student, data-free (``student.data = "noise"``); an aux network ``fake`` (the
 fake score) tracks the generator's distribution with its own optimizer, updated first in every
-step (METHODS.md 4.3 / 5.5):
+step (docs/methods.md §4.3 / 5.5):
 
 * both optimizers Adam with betas (0, 0.95) (the demo's AdamW betas; no weight decay on the
-  small toy networks) and the fake's lr 5x the generator's (METHODS.md 4.3);
+  small toy networks) and the fake's lr 5x the generator's (docs/methods.md §4.3);
 * the student is ``semilinear`` (``G(x, t, s) = alpha_s x0 + sigma_s eps``: TDM's deterministic
   DDIM step; identical to Euler on the rectified-flow path) and has no ``s`` input;
 * the fake score is the student's network without ``s`` (same ``num_step_classes``), initialised

@@ -1,4 +1,4 @@
-"""TCD and LCM recipes on a VP (DDPM) teacher (METHODS 3, 5.3; losses/tcd.py).
+"""TCD and LCM recipes on a VP (DDPM) teacher (docs/methods.md §3, 5.3; losses/tcd.py).
 
 Both distil the teacher's DDIM solver with skipping step 20 on the 50-point grid ``20 i - 1``,
 use the LCM/TCD target EMA 0.95 and sample on the times they were trained at (the ``tcd`` grid,

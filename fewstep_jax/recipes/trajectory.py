@@ -1,5 +1,5 @@
 """Trajectory-family recipes: TraFlow (+ ablations), CD, CTM, shortcut, mean-flow, reflow
-(METHODS 2, 5).
+(docs/methods.md §2, 5).
 
 Tuned on the exact gmm8 testbed at its equal budget (2000 steps, batch 256, fresh student) with
 the flow-map MSE against the exact ``Phi(x, 1, 0)``; see bench_results/distill_trajectory.md.
@@ -20,7 +20,7 @@ recipes (TraFlow and CTM get the same ones, so the comparison is fair), and why:
   instantaneous velocity, i.e. the 1-NFE map towards one Euler step (the data mean); on a curved
   teacher it costs 1-NFE quality in proportion to its weight (ablation rows vel0 / 0.1 / 1).
 
-Reflow (METHODS 5.1) trains on teacher (noise, sample) pairs (``student.data = "pairs"``: generated
+Reflow (docs/methods.md §5.1) trains on teacher (noise, sample) pairs (``student.data = "pairs"``: generated
 once into ``<workdir>/pairs.npz`` by the distill loop and reused on resume):
 
 * ``reflow``: 2-RF, flow matching on the pairs; an s-agnostic velocity, so its k-NFE sampler is

@@ -13,7 +13,7 @@ def ddim_solver_tables(abar: np.ndarray, num_ddim_timesteps: int = 50) -> tuple[
     """``(ddim_timesteps, alpha_cumprod_prev, k)`` of the distillation solver.
 
     ``ddim_timesteps = k i - 1`` for i = 1..N (19..999 for N = 50), and ``alpha_cumprod_prev[i]``
-    is ``abar`` at the next-lower grid point, ``abar[0]`` for the first (METHODS pitfall 4).
+    is ``abar`` at the next-lower grid point, ``abar[0]`` for the first (docs/methods.md pitfall 4).
     """
     T = len(abar)
     if not 1 <= num_ddim_timesteps <= T:

@@ -3,18 +3,18 @@
 A K-step student samples from pure noise at ``t_max`` down to data; step ``j`` (``j = 0`` first)
 maps ``x`` at ``start[j]`` to ``start[j + 1]`` (to data after the last step). In TDM each step
 owns the time interval ``[low[j], start[j]]``: the student's intermediate state of that step is
-diffused to a ``tau`` inside it and matched to the teacher's marginal there (METHODS.md 4.2-4.4).
+diffused to a ``tau`` inside it and matched to the teacher's marginal there (docs/methods.md §4.2-4.4).
 
 Two unit systems, one code path (times are handled in *units*, converted by :meth:`to_t`):
 
-* ``integer=True`` (DDPM teachers, the official demo, METHODS.md 4.3): units are DDPM timesteps
+* ``integer=True`` (DDPM teachers, the official demo, docs/methods.md §4.3): units are DDPM timesteps
   ``k`` and ``t = (k + 1) / T``. ``start_k = k * total // K - 1`` (K = 4, total 900:
   {899, 674, 449, 224}), ``low = start - total // K + 1`` ({675, 450, 225, 0}), i.e. one
   timestep above the next start (pitfall 5). ``tau`` and the random mid-point are integers.
-* ``integer=False`` (rectified flow and other continuous paths, METHODS.md 4.7): units are ``t``,
+* ``integer=False`` (rectified flow and other continuous paths, docs/methods.md §4.7): units are ``t``,
   ``start_j = t_max (K - j) / K`` and ``low_j = t_max (K - j - 1) / K`` (K = 4: {1, .75, .5, .25}).
 
-The sampling-steps-aware objective (METHODS.md 4.4) draws K per sample from ``steps_set``; the
+The sampling-steps-aware objective (docs/methods.md §4.4) draws K per sample from ``steps_set``; the
 tables are (S, Kmax) with rows padded by repeating their last valid entry.
 """
 

@@ -1,4 +1,4 @@
-"""Analytic teachers: exact marginal velocities, no training (DESIGN.md "Exact testbeds").
+"""Analytic teachers: exact marginal velocities, no training (docs/design.md "Exact testbeds").
 
 * :func:`gaussian_mixture_teacher`: data ``sum_k w_k N(mu_k, Sigma_k)`` in any dimension. On any
   path, ``x_t | k ~ N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I)``, so the posterior means

@@ -1,4 +1,4 @@
-"""The teacher interface shared by analytic, neural and imported teachers (DESIGN.md "Teacher").
+"""The teacher interface shared by analytic, neural and imported teachers (docs/design.md "Teacher").
 
 A :class:`Teacher` is a pytree: its ``params`` (frozen weights, or the arrays of an analytic
 density) are the leaves, everything else is static. Passing a teacher to a jitted function
@@ -72,7 +72,7 @@ class Teacher:
         """The native prediction, with classifier-free guidance (Imagen form) when ``guidance != 1``.
 
         ``guidance`` is the Imagen scale ``w``: ``p_u + w (p_c - p_u)``; LCM/TCD's ``w'`` is
-        ``w = 1 + w'`` (METHODS.md 1.4). Guidance needs a conditional teacher and a label.
+        ``w = 1 + w'`` (docs/methods.md §1.4). Guidance needs a conditional teacher and a label.
         """
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
         lab = self._labels(x, label)

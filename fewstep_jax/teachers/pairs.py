@@ -1,4 +1,4 @@
-"""Teacher-generated (noise, sample) pairs for reflow and pair-based distillation (METHODS.md 5.1).
+"""Teacher-generated (noise, sample) pairs for reflow and pair-based distillation (docs/methods.md §5.1).
 
 A pair set is a dict of numpy arrays ``{"noise": (N, ...), "x": (N, ...)}`` (plus ``"label"``
 (N,) int32 for conditional teachers), where ``x = Phi_teacher(noise, 1, 0)``: ``noise`` is at the

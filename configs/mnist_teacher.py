@@ -11,33 +11,8 @@ final evaluation compares the trained teacher with the exact ideal-denoiser teac
 ``testbed.subset`` training images at the same noise (``teacher_eval.json``).
 """
 
-from fewstep_jax.models import unet_config
-from fewstep_jax.recipes import base
+from fewstep_jax.recipes import experiments
 
 
 def get_config():
-    c = base.get_config()
-    c.mode = "train_teacher"
-    c.testbed.name = "mnist"
-    c.testbed.path = "rf"
-    c.testbed.subset = 5000  # images of the analytic (ideal-denoiser) reference teacher
-    c.model = unet_config("mnist")
-    c.model.num_classes = 10
-    c.teacher.prediction = "flow"
-    c.losses.flow_matching = {
-        "weight": 1.0,
-        "t_min": 1e-3,
-        "t_sampling": "logit_normal",
-        "label_dropout": 0.1,
-    }
-    c.train.num_steps = 3000
-    c.train.batch_size = 32
-    c.train.log_every = 100
-    c.train.checkpoint_every = 500
-    c.train.eval_every = 0
-    c.optim.lr = 3e-4
-    c.optim.warmup_steps = 200
-    c.ema.decay = 0.999
-    c.eval.train_num_samples = 1000
-    c.eval.train_nfes = (1, 2, 4, 8, 16)
-    return c
+    return experiments.mnist_teacher()

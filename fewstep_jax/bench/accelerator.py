@@ -8,8 +8,7 @@ Nothing is downloaded (MNIST comes from ``--mnist``, the FD classifier is the pa
 ``fewstep_jax/assets/mnist_classifier.npz``) and nothing beyond jax, flax, optax, orbax and
 ml-collections is needed for the path itself. Three parts, each timed:
 
-1. Teacher: ``configs/mnist_teacher.py`` (loaded by path when the repository is at hand, else the
-   same config built from ``recipes.base`` + ``unet_config("mnist")``) trained by
+1. Teacher: ``recipes.experiments.mnist_teacher()`` (what ``configs/mnist_teacher.py`` runs) trained by
    ``modes.train_teacher`` with ``--teacher_steps`` at ``--teacher_batch`` (the README's longer
    recipe, 20000 x 128, by default) into ``DIR/teacher``. Its loss curve is recorded with the
    ``tail_change``: mean loss over the last 10% of the logged steps relative to the 10% before
@@ -73,11 +72,11 @@ import ml_collections
 import numpy as np
 
 from fewstep_jax.evaluation.tables import markdown_table, pivot_markdown, write_json
+from fewstep_jax.recipes import experiments
 
 PROG = "python -m fewstep_jax.bench.accelerator"
 RECIPES = ("traflow", "tcd", "tdm_unify_l2")
 NFES = (1, 2, 4)
-TEACHER_CONFIG = "configs/mnist_teacher.py"
 CURVE_POINTS = 200  # logged points of the teacher's loss curve
 TAIL = 0.1  # fraction of the curve compared with the one before it (``tail_change``)
 MAIN_DISTANCE = "fd_mnist"
@@ -205,48 +204,9 @@ def accelerator_for(device_kind: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def mnist_teacher_config() -> ml_collections.ConfigDict:
-    """``configs/mnist_teacher.py`` when the repository is at hand, else the same config in code."""
-    from fewstep_jax.modes.dryrun import load_config_file
-
-    try:
-        return load_config_file(TEACHER_CONFIG)
-    except FileNotFoundError:
-        pass
-    from fewstep_jax.models import unet_config
-    from fewstep_jax.recipes import base
-
-    # a copy of configs/mnist_teacher.py (an installed package has no configs/)
-    c = base.get_config()
-    c.mode = "train_teacher"
-    c.testbed.name = "mnist"
-    c.testbed.path = "rf"
-    c.testbed.subset = 5000
-    c.model = unet_config("mnist")
-    c.model.num_classes = 10
-    c.teacher.prediction = "flow"
-    c.losses.flow_matching = {
-        "weight": 1.0,
-        "t_min": 1e-3,
-        "t_sampling": "logit_normal",
-        "label_dropout": 0.1,
-    }
-    c.train.num_steps = 3000
-    c.train.batch_size = 32
-    c.train.log_every = 100
-    c.train.checkpoint_every = 500
-    c.train.eval_every = 0
-    c.optim.lr = 3e-4
-    c.optim.warmup_steps = 200
-    c.ema.decay = 0.999
-    c.eval.train_num_samples = 1000
-    c.eval.train_nfes = (1, 2, 4, 8, 16)
-    return c
-
-
 def teacher_config(budget: Budget, mnist: str) -> ml_collections.ConfigDict:
     """The MNIST teacher config at the budget's steps, batch and evaluation size."""
-    c = mnist_teacher_config()
+    c = experiments.mnist_teacher()
     c.testbed.mnist_path = mnist
     c.testbed.num_reference = budget.num_reference
     c.train.num_steps = budget.teacher_steps

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import ml_collections
 
+from fewstep_jax.models import unet_config
 from fewstep_jax.recipes import apply_recipe, base
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +187,42 @@ def imagenet64_teacher() -> ml_collections.ConfigDict:
     c.mesh.data = 16
     c.mesh.fsdp = 2
     add_dryrun(c, "tpu_v5p", 32)
+    return c
+
+
+def mnist_teacher() -> ml_collections.ConfigDict:
+    """Class-conditional UNet (about 1.1M params) flow-matching teacher on MNIST
+    (configs/mnist_teacher.py; also trained by ``fewstep_jax.bench.accelerator``, which has no
+    configs/ when the package is installed).
+
+    Logit-normal t, label dropout 0.1 for classifier-free guidance, 3000 steps at batch 32, Adam
+    lr 3e-4 after 200 warm-up steps, EMA 0.999; the final evaluation compares it with the exact
+    ideal-denoiser teacher of the first ``testbed.subset`` training images at the same noise.
+    """
+    c = base.get_config()
+    c.mode = "train_teacher"
+    c.testbed.name = "mnist"
+    c.testbed.path = "rf"
+    c.testbed.subset = 5000  # images of the analytic (ideal-denoiser) reference teacher
+    c.model = unet_config("mnist")
+    c.model.num_classes = 10
+    c.teacher.prediction = "flow"
+    c.losses.flow_matching = {
+        "weight": 1.0,
+        "t_min": 1e-3,
+        "t_sampling": "logit_normal",
+        "label_dropout": 0.1,
+    }
+    c.train.num_steps = 3000
+    c.train.batch_size = 32
+    c.train.log_every = 100
+    c.train.checkpoint_every = 500
+    c.train.eval_every = 0
+    c.optim.lr = 3e-4
+    c.optim.warmup_steps = 200
+    c.ema.decay = 0.999
+    c.eval.train_num_samples = 1000
+    c.eval.train_nfes = (1, 2, 4, 8, 16)
     return c
 
 

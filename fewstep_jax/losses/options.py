@@ -7,9 +7,10 @@ passes the rest to the factory), every other key is one of the term's own hyper-
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from typing import Any
+
+from fewstep_jax.errors import UserError, did_you_mean
 
 # keys of a term block that the train step reads; a factory called directly may be given them
 TRAIN_STEP_KEYS = frozenset({"weight"})
@@ -30,20 +31,18 @@ def read_options(
     given = {k: v for k, v in (cfg.items() if cfg is not None else ()) if k not in TRAIN_STEP_KEYS}
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, [*defaults, *TRAIN_STEP_KEYS], n=1)
-            if close:
-                hints.append(f"{key!r}: did you mean {close[0]!r}?")
+        known = [*defaults, *TRAIN_STEP_KEYS]
+        # did_you_mean gives " (did you mean ...?)"; one parenthesis holds the hints of every key
+        hints = [f"{key!r}: {hint.strip(' ()')}" for key in unknown if (hint := did_you_mean(key, known))]
         hint = f" ({'; '.join(hints)})" if hints else ""
-        raise ValueError(
+        raise UserError(
             f"loss term {term!r}: unknown config keys {unknown}{hint}; known: {sorted(defaults)} "
             f"(and the train step's {sorted(TRAIN_STEP_KEYS)})"
         )
     out = {**defaults, **given}
     for key, allowed in (choices or {}).items():
         if key in out and out[key] not in allowed:
-            raise ValueError(f"loss term {term!r}: {key} must be one of {allowed}, got {out[key]!r}")
+            raise UserError(f"loss term {term!r}: {key} must be one of {allowed}, got {out[key]!r}")
     return out
 
 

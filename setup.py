@@ -31,7 +31,11 @@ TFDS = [
 # Export to and import from PyTorch. An unconstrained torch on Linux is the multi-GB CUDA build:
 # constraints.txt names the CPU wheel's version.
 TORCH = ["torch>=2.1", "diffusers>=0.30", "safetensors>=0.4"]
-TEST = ["pytest>=8", "pytest-xdist>=3", "ruff>=0.15", "scipy"]
+# Latent text-to-image pipelines (fewstep_jax/pipelines): safetensors weights, the tokenizers'
+# own files read by the `tokenizers` library (no torch).
+LATENT = ["safetensors>=0.4", "tokenizers>=0.20"]
+# The PyTorch reference side of the parity tests: transformers' CLIP / T5, peft's LoRA layout.
+TEST = ["pytest>=8", "pytest-xdist>=3", "ruff>=0.15", "scipy", "transformers>=5", "peft>=0.15"]
 
 setup(
     name="fewstep-jax",
@@ -42,6 +46,6 @@ setup(
     package_data={"fewstep_jax": ["assets/*"]},
     python_requires=">=3.11",
     install_requires=CORE,
-    extras_require={"tfds": TFDS, "torch": TORCH, "test": TEST + TORCH + TFDS},
+    extras_require={"tfds": TFDS, "torch": TORCH, "latent": LATENT, "test": TEST + TORCH + TFDS + LATENT},
     entry_points={"console_scripts": ["fewstep=fewstep_jax.main:run"]},
 )

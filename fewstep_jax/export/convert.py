@@ -40,7 +40,9 @@ import numpy as np
 from flax import traverse_util
 
 from fewstep_jax.errors import UserError, require
-from fewstep_jax.models import build_model, diffusers_config, diffusers_key, to_diffusers_state_dict
+from fewstep_jax.models import build_model, diffusers_config, to_diffusers_state_dict
+from fewstep_jax.models.state_dict import params_from_torch
+from fewstep_jax.models.unet import UNET_LIST_NAMES
 from fewstep_jax.paths import Path
 from fewstep_jax.teachers.neural import data_shape_of
 
@@ -90,29 +92,7 @@ def from_state_dict(
     A key the config needs but the state lacks, a key it does not know, or a tensor of another
     shape is a ValueError naming the key.
     """
-    want = param_shapes(model_cfg, data_shape)
-    by_key = {diffusers_key(p): p for p in want}
-    missing = sorted(set(by_key) - set(state))
-    unexpected = sorted(set(state) - set(by_key))
-    if missing or unexpected:
-        raise ValueError(
-            f"state dict does not match the model config: missing keys {missing}, "
-            f"unexpected keys {unexpected}"
-        )
-    flat = {}
-    for key, path in by_key.items():
-        arr = np.asarray(state[key], np.float32)
-        if path[-1] == "kernel" and arr.ndim == 4:
-            arr = arr.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        elif path[-1] == "kernel" and arr.ndim == 2:
-            arr = arr.T
-        if tuple(arr.shape) != want[path]:
-            raise ValueError(
-                f"shape mismatch at {key!r}: file {tuple(np.shape(state[key]))} does not give the "
-                f"config's {want[path]} (Flax layout)"
-            )
-        flat[path] = jnp.asarray(np.ascontiguousarray(arr))
-    return traverse_util.unflatten_dict(flat)
+    return params_from_torch(state, param_shapes(model_cfg, data_shape), UNET_LIST_NAMES)
 
 
 def is_diffusers_compatible(model_cfg: ml_collections.ConfigDict) -> bool:

@@ -36,15 +36,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from fewstep_jax.models.embeddings import Dtype, compute_dtype, conditioning_embedding
+from fewstep_jax.models.layers import Attention, DownsampleConv, ResnetBlock2D, UpsampleConv, conv, group_norm
+from fewstep_jax.models.state_dict import params_to_torch, torch_key
 
 Array = jax.Array
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
-_LIST_NAMES = (
+UNET_LIST_NAMES = (
     "down_blocks",
     "up_blocks",
     "resnets",
@@ -95,76 +96,6 @@ def unet_config(preset: str = "mnist") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(base)
 
 
-def _conv(features: int, dtype: Dtype, name: str, kernel: int = 3, stride: int = 1) -> nn.Conv:
-    # Explicit symmetric padding: torch's padding=1 with stride 2 differs from Flax "SAME".
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
-
-
-def _group_norm(groups: int, eps: float, dtype: Dtype, name: str) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
-class ResnetBlock2D(nn.Module):
-    """diffusers ResnetBlock2D (time_embedding_norm="default"), NHWC."""
-
-    out_channels: int
-    groups: int
-    eps: float
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, temb: Array, train: bool) -> Array:
-        h = nn.silu(_group_norm(self.groups, self.eps, self.dtype, "norm1")(x))
-        h = _conv(self.out_channels, self.dtype, "conv1")(h)
-        temb = nn.Dense(self.out_channels, dtype=self.dtype, param_dtype=jnp.float32, name="time_emb_proj")(
-            nn.silu(temb)
-        )
-        h = h + temb[:, None, None, :]
-        h = nn.silu(_group_norm(self.groups, self.eps, self.dtype, "norm2")(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = _conv(self.out_channels, self.dtype, "conv2")(h)
-        if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, self.dtype, "conv_shortcut", kernel=1)(x)
-        return x + h
-
-
-class Attention(nn.Module):
-    """diffusers Attention as built by its UNet blocks (group_norm, to_q/k/v, to_out.0,
-    residual connection, softmax in float32), over the H*W positions of NHWC input."""
-
-    head_dim: int
-    groups: int
-    eps: float
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        b, hgt, wid, c = x.shape
-        if c % self.head_dim:
-            raise ValueError(f"attention_head_dim={self.head_dim} must divide channels {c}")
-        heads = c // self.head_dim
-        h = _group_norm(self.groups, self.eps, self.dtype, "group_norm")(x)
-        h = h.reshape(b, hgt * wid, c)
-        dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, name=name)
-        split = lambda a: a.reshape(b, hgt * wid, heads, self.head_dim)
-        q, k, v = split(dense("to_q")(h)), split(dense("to_k")(h)), split(dense("to_v")(h))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(self.head_dim)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, hgt * wid, c)
-        out = dense("to_out_0")(out).reshape(b, hgt, wid, c)
-        return out + x
-
-
 class DownBlock(nn.Module):
     """DownBlock2D / AttnDownBlock2D; returns (h, skips) with one skip per resnet (+ downsample)."""
 
@@ -198,29 +129,6 @@ class DownBlock(nn.Module):
             x = DownsampleConv(self.out_channels, self.dtype, name="downsamplers_0")(x)
             skips.append(x)
         return x, skips
-
-
-class DownsampleConv(nn.Module):
-    """diffusers Downsample2D(use_conv=True, padding=1): 3x3 conv, stride 2."""
-
-    channels: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        return _conv(self.channels, self.dtype, "conv", stride=2)(x)
-
-
-class UpsampleConv(nn.Module):
-    """diffusers Upsample2D(use_conv=True): nearest-neighbour x2, then 3x3 conv."""
-
-    channels: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(self.channels, self.dtype, "conv")(x)
 
 
 class UpBlock(nn.Module):
@@ -348,7 +256,7 @@ class UNet2D(nn.Module):
             dtype=dtype,
         )
 
-        h = _conv(chans[0], dtype, "conv_in")(x.astype(dtype))
+        h = conv(chans[0], dtype, "conv_in")(x.astype(dtype))
         skips = [h]
         for i, kind in enumerate(self.down_block_types):
             h, block_skips = DownBlock(
@@ -386,8 +294,8 @@ class UNet2D(nn.Module):
                 name=f"up_blocks_{i}",
             )(h, block_skips, temb, train)
 
-        h = nn.silu(_group_norm(groups, eps, dtype, "conv_norm_out")(h))
-        h = _conv(self.out_channels, dtype, "conv_out")(h)
+        h = nn.silu(group_norm(groups, eps, dtype, "conv_norm_out")(h))
+        h = conv(self.out_channels, dtype, "conv_out")(h)
         return h.astype(jnp.float32)
 
 
@@ -460,24 +368,9 @@ def diffusers_config(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def diffusers_key(path: Sequence[str]) -> str:
     """Flax param path (tuple of names, no leading "params") -> diffusers state-dict key."""
-    parts = []
-    for part in path[:-1]:
-        prefix, _, idx = part.rpartition("_")
-        parts.append(f"{prefix}.{idx}" if prefix in _LIST_NAMES and idx.isdigit() else part)
-    leaf = path[-1]
-    parts.append("bias" if leaf == "bias" else "weight")
-    return ".".join(parts)
+    return torch_key(path, UNET_LIST_NAMES)
 
 
 def to_diffusers_state_dict(params: Any) -> dict[str, np.ndarray]:
     """Flax UNet2D params -> {diffusers key: float32 numpy array in torch layout}."""
-    flat = traverse_util.flatten_dict(params.get("params", params))
-    out = {}
-    for path, value in flat.items():
-        arr = np.array(value, np.float32)  # a writable copy (torch.from_numpy needs one)
-        if path[-1] == "kernel" and arr.ndim == 4:
-            arr = arr.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-        elif path[-1] == "kernel" and arr.ndim == 2:
-            arr = arr.T  # (in, out) -> (out, in)
-        out[diffusers_key(path)] = np.ascontiguousarray(arr)
-    return out
+    return params_to_torch(params, UNET_LIST_NAMES)

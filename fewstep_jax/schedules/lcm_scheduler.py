@@ -1,8 +1,10 @@
 """diffusers' ``LCMScheduler`` (0.42) step by step on a DDPM path (docs/methods.md §5.3).
 
-``LCMScheduler.step`` re-noises the boundary-scaled denoised sample to the next timestep; its last
-output is the denoised sample itself (``final_alpha_cumprod`` is never read). Pinned by
-tests/test_tcd.py.
+``LCMScheduler.step`` limits the predicted x0 (``clip_sample`` / ``thresholding``, like DDIM),
+re-noises the boundary-scaled denoised sample to the next timestep; its last output is the denoised
+sample itself (``final_alpha_cumprod`` is never read, so ``set_alpha_to_one`` changes nothing, nor
+do ``timestep_spacing`` and ``steps_offset``, which ``set_timesteps`` ignores). Pinned by
+tests/test_tcd.py and tests/test_schedulers.py.
 """
 
 from __future__ import annotations
@@ -10,7 +12,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from fewstep_jax.schedules.ddpm import Array, ModelFn, aligned_origin, noise_at, pick, to_x0_eps
+from fewstep_jax.schedules.ddpm import (
+    Array,
+    ModelFn,
+    X0Limit,
+    aligned_origin,
+    limit_x0,
+    noise_at,
+    pick,
+    to_x0_eps,
+)
 
 
 def lcm_timesteps(
@@ -42,10 +53,13 @@ def lcm_step(
     noise: Array | None,
     prediction_type: str = "epsilon",
     timestep_scaling: float = 10.0,
+    *,
+    x0_limit: X0Limit | None = None,
 ) -> tuple[Array, Array]:
     """One ``LCMScheduler.step``: ``(prev_sample, denoised)``; ``noise`` None on the last step."""
     abar_t, abar_prev = jnp.float32(abar[timestep]), jnp.float32(abar[prev_timestep])
     x0, _ = to_x0_eps(model_output, sample, abar_t, prediction_type)
+    x0 = limit_x0(x0, x0_limit)
     c_skip, c_out = lcm_boundary_scalings(timestep, timestep_scaling)
     denoised = c_out * x0 + c_skip * sample
     if noise is None:
@@ -62,6 +76,8 @@ def lcm_sample(
     prediction_type: str = "epsilon",
     timestep_scaling: float = 10.0,
     return_trajectory: bool = False,
+    *,
+    x0_limit: X0Limit | None = None,
 ):
     """LCM multistep sampling (``LCMScheduler`` loop); ``noises`` (N - 1, ...) are the injected z."""
     ts = [int(k) for k in np.asarray(timesteps)]
@@ -70,7 +86,9 @@ def lcm_sample(
         last = i == len(ts) - 1
         prev = t if last else ts[i + 1]
         z = None if last else noise_at(noises, i, len(ts) - 1, "LCM sampling")
-        x, _ = lcm_step(model_fn(x, t), t, prev, x, abar, z, prediction_type, timestep_scaling)
+        x, _ = lcm_step(
+            model_fn(x, t), t, prev, x, abar, z, prediction_type, timestep_scaling, x0_limit=x0_limit
+        )
         traj.append(x)
     return (x, traj) if return_trajectory else x
 

@@ -8,6 +8,10 @@ Facts of the reference (pinned by tests/test_tcd.py):
 * ``TCDScheduler.set_timesteps(original_inference_steps=...)`` passed explicitly switches to the
   "customised" origin schedule ``0..T*strength-1``; left at None it uses the config's value and
   the aligned schedule ``k i - 1``. :func:`tcd_timesteps` keeps that distinction.
+* ``TCDScheduler.step`` never clips or thresholds the predicted x0: its config's ``clip_sample``,
+  ``thresholding`` (and their ranges), ``set_alpha_to_one``, ``timestep_spacing``,
+  ``steps_offset`` and ``timestep_scaling`` change nothing (tests/test_schedulers.py runs diffusers
+  with them set).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Each case builds the diffusers scheduler from its options, reads *its own config
 `SchedulerConfig` and runs both loops step by step on the same model outputs (a fixed random
 affine function of (x, timestep), float32 on both sides) and the same injected noise. Both sides
 compute in float32, and x0 = (x - sigma eps) / alpha multiplies rounding by up to 1 / alpha ~ 150 at
-timestep 999: states are asserted equal to 1e-4 relative to their scale (measured: see _compare).
+timestep 999: states are asserted equal to 1e-4 relative to their scale (measured: <= 1.3e-6, and
+1.9e-5 where DDIM's trailing spacing starts at timestep 999 of the linear betas, 1 / alpha = 156).
 """
 
 import functools
@@ -56,7 +57,7 @@ def _model(seed=0, scale=1.0):
 
 def _run_diffusers(sch, cls, monkeypatch, x, fn, noises, num_steps, set_kw=None, **step_kw):
     calls = iter(noises)
-    monkeypatch.setattr(MODULES[cls], "randn_tensor", lambda *a, **k: torch.from_numpy(next(calls)))
+    monkeypatch.setattr(MODULES[cls], "randn_tensor", lambda *a, **k: torch.from_numpy(np.array(next(calls))))
     sch.set_timesteps(num_steps, **(set_kw or {}))
     xt = torch.from_numpy(x)
     traj = [x]
@@ -240,7 +241,7 @@ LCM_CASES = [
     {"clip_sample": True},
     {"clip_sample": True, "clip_sample_range": 0.8},
     {"thresholding": True, "dynamic_thresholding_ratio": 0.8, "sample_max_value": 2.0},
-    {"timestep_scaling": 2.0},
+    {"timestep_scaling": 0.01},  # c_skip(t) = 0.25 / ((0.01 t)^2 + 0.25) is far from 0
     {"original_inference_steps": 20},
     {"prediction_type": "sample"},
     {"prediction_type": "v_prediction", "clip_sample": True},
@@ -258,11 +259,9 @@ LCM_CASES = [
 @pytest.mark.parametrize("options", LCM_CASES, ids=[f"{i}" for i in range(len(LCM_CASES))])
 def test_lcm_options_match_diffusers(options, monkeypatch):
     outs = [_compare("LCMScheduler", options, monkeypatch, n) for n in (1, 2, 4)]
-    if options.get("clip_sample") or options.get("thresholding"):
-        plain = _compare(
-            "LCMScheduler", {**options, "clip_sample": False, "thresholding": False}, monkeypatch, 4
-        )
-        assert np.abs(outs[-1] - plain).max() > 1e-3
+    # not vacuous: each option moves the sample, except those LCMScheduler never reads
+    moved = np.abs(outs[-1] - _compare("LCMScheduler", {}, monkeypatch, 4)).max()
+    assert (moved == 0.0) if options in (LCM_CASES[0], LCM_CASES[-1]) else (moved > 1e-3), moved
 
 
 TCD_CASES = [
@@ -288,13 +287,11 @@ TCD_CASES = [
 @pytest.mark.parametrize("options,set_kw,eta", TCD_CASES, ids=[f"{i}" for i in range(len(TCD_CASES))])
 def test_tcd_options_match_diffusers(options, set_kw, eta, monkeypatch):
     kw = {} if eta is None else {"eta": eta}
-    for n in (1, 2, 4):
-        _compare("TCDScheduler", options, monkeypatch, n, set_kw=set_kw, **kw)
-    if options.get("clip_sample"):
-        np.testing.assert_array_equal(
-            _compare("TCDScheduler", options, monkeypatch, 4, eta=eta),
-            _compare("TCDScheduler", {}, monkeypatch, 4, eta=eta),
-        )
+    outs = [_compare("TCDScheduler", options, monkeypatch, n, set_kw=set_kw, **kw) for n in (1, 2, 4)]
+    # not vacuous: each case moves the sample from the default loop, except the options TCD never reads
+    moved = np.abs(outs[-1] - _compare("TCDScheduler", {}, monkeypatch, 4)).max()
+    unread = options.get("clip_sample") or (not options and not set_kw and eta in (None, 0.3))
+    assert (moved == 0.0) if unread else (moved > 1e-3), moved
 
 
 def test_dynamic_threshold_formula():
@@ -315,7 +312,7 @@ def test_dynamic_threshold_formula():
 
 
 def _ddpm_teacher():
-    path = DDPM(schedule="linear", beta_start=0.0001, beta_end=0.02)
+    path = DDPM()  # scaled_linear: sigma(1) = 0.9976, so the latents' scale x1 / sigma(1) is seen
     params = gmm_params([[0.8, 0.0], [-0.8, 0.5]], [np.eye(2) * 0.05] * 2, [0.5, 0.5])
     teacher = gaussian_mixture_teacher(params, path, conditional=False)
 
@@ -356,7 +353,7 @@ def test_teacher_table_offers_the_diffusers_loop(method, cls, options, step_kw, 
     (converted to the scheduler's prediction_type) from latents x1 / sigma(1), batch by batch."""
     path, teacher, pred = _TEACHER
     kind = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}[options.get("prediction_type", "epsilon")]
-    betas = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
+    betas = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
     x1 = np.random.default_rng(0).standard_normal((6, 2)).astype(np.float32) * path.prior_scale
     sampler = teacher_solvers.solver_samplers(teacher, ("euler", method), "uniform", batch_size=3)[method]
     ours = sampler(x1, nfe)

@@ -379,6 +379,14 @@ def test_diffusers_solver_name_errors():
         teacher_solvers.diffusers_scheduler("diffusers_ddim:beta_schedule=linear", path)
     with pytest.raises(UserError, match="key=value"):
         teacher_solvers.diffusers_scheduler("diffusers_ddim:trailing", path)
+    rf = _TEACHER[1].replace(path=RectifiedFlow())  # a table over several paths: no rows off DDPM
+    assert (
+        teacher_solvers.solver_samplers(rf, ("diffusers_tcd",), "uniform")["diffusers_tcd"](None, 4) is None
+    )
+    with pytest.raises(UserError, match="clip_smaple"):
+        teacher_solvers.solver_samplers(rf, ("diffusers_ddim:clip_smaple=1",), "uniform")
+    with pytest.raises(UserError, match="unknown teacher solver 'diffusers_ddm'"):
+        teacher_solvers.solver_samplers(_TEACHER[1], ("euler", "diffusers_ddm"), "uniform")
     cfg, eta, clipped = teacher_solvers.diffusers_scheduler("diffusers_ddim:thresholding=true:eta=0.2", path)
     assert cfg.thresholding and cfg.clip_sample and eta == 0.2 and not clipped
     assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end) == ("scaled_linear", 0.00085, 0.012)

@@ -204,11 +204,20 @@ def solver_samplers(
 
     With ``euler_into_data`` (ideal-denoiser teachers) Heun / RK4's last step is Euler, so their
     true NFE is one (Heun) or three (RK4) below the nominal ``nfe`` they are listed at.
-    ``diffusers_*`` methods (module docstring) are diffusers' integer loops, never singular at t = 0."""
+    ``diffusers_*`` methods (module docstring) are diffusers' integer loops (never at t = 0, where an
+    ideal denoiser is singular); on a path other than DDPM they give no rows."""
 
     def make(method):
         if is_diffusers_solver(method):
+            if not isinstance(teacher.path, DDPM):  # a table over several paths: rows on DDPM ones only
+                diffusers_scheduler(method, DDPM())  # a bad name is still an error
+                return lambda x1, nfe: None
             return diffusers_sampler(teacher, method, batch_size, label, guidance)
+        if method not in solvers.NFE_PER_STEP:
+            raise UserError(
+                f"unknown teacher solver {method!r}; expected one of {solvers.FIXED_STEP_SOLVERS} "
+                f"or {'|'.join(DIFFUSERS_SOLVERS)}[:key=value...]"
+            )
 
         def sampler(x1, nfe):
             per = solvers.NFE_PER_STEP[method]

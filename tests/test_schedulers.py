@@ -1,14 +1,15 @@
-"""Every step-changing option of diffusers' DDIM / LCM / TCD schedulers against diffusers itself.
+"""Every step-changing option of diffusers' DDIM / DDPM / LCM / TCD schedulers against diffusers itself.
 
 Each case builds the diffusers scheduler from its options, reads *its own config* into
 `SchedulerConfig` and runs both loops step by step on the same model outputs (a fixed random
 affine function of (x, timestep), float32 on both sides) and the same injected noise. Both sides
 compute in float32, and x0 = (x - sigma eps) / alpha multiplies rounding by up to 1 / alpha ~ 150 at
-timestep 999: states are asserted equal to 1e-4 relative to their scale (measured: <= 1.3e-6, and
-1.9e-5 where DDIM's trailing spacing starts at timestep 999 of the linear betas, 1 / alpha = 156).
+timestep 999: states are asserted equal to 1e-4 relative to their scale (measured: <= 3e-6, and
+1.9e-5 where trailing spacing starts at timestep 999 of the linear betas, 1 / alpha = 156).
 """
 
 import functools
+import itertools
 import json
 
 import jax
@@ -16,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
-from diffusers.schedulers import scheduling_ddim, scheduling_lcm, scheduling_tcd
+from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, TCDScheduler
+from diffusers.schedulers import scheduling_ddim, scheduling_ddpm, scheduling_lcm, scheduling_tcd
 
 from fewstep_jax.errors import UserError
 from fewstep_jax.evaluation import teacher_solvers
@@ -28,8 +29,18 @@ from fewstep_jax.teachers.analytic import gaussian_mixture_teacher, gmm_params
 
 D = 6
 SHAPE = (3, 2, D)  # diffusers' dynamic thresholding needs (B, C, ...) samples
-CLASSES = {"DDIMScheduler": DDIMScheduler, "LCMScheduler": LCMScheduler, "TCDScheduler": TCDScheduler}
-MODULES = {"DDIMScheduler": scheduling_ddim, "LCMScheduler": scheduling_lcm, "TCDScheduler": scheduling_tcd}
+CLASSES = {
+    "DDIMScheduler": DDIMScheduler,
+    "DDPMScheduler": DDPMScheduler,
+    "LCMScheduler": LCMScheduler,
+    "TCDScheduler": TCDScheduler,
+}
+MODULES = {
+    "DDIMScheduler": scheduling_ddim,
+    "DDPMScheduler": scheduling_ddpm,
+    "LCMScheduler": scheduling_lcm,
+    "TCDScheduler": scheduling_tcd,
+}
 BETAS = (
     {},
     {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
@@ -114,16 +125,24 @@ def test_defaults_are_diffusers_defaults(cls):
 
 @pytest.mark.parametrize("cls", list(CLASSES))
 def test_alphas_cumprod_match_diffusers(cls):
-    for betas in BETAS:
-        for one in (True, False):
-            sch = CLASSES[cls](set_alpha_to_one=one, **betas)
+    extra = ({"beta_schedule": "sigmoid"}, {"beta_schedule": "laplace"}) if cls == "DDPMScheduler" else ()
+    for betas in BETAS + extra:
+        for one in (True,) if cls == "DDPMScheduler" else (True, False):
+            sch = (
+                CLASSES[cls](**betas)
+                if cls == "DDPMScheduler"
+                else CLASSES[cls](set_alpha_to_one=one, **betas)
+            )
             ours = read_scheduler_config(dict(sch.config), cls)
             ac = ours.alphas_cumprod()
             assert ac.dtype == np.float32 and ac.shape == sch.alphas_cumprod.shape
             np.testing.assert_allclose(
                 ac, sch.alphas_cumprod.numpy(), rtol=2e-6, atol=1e-7, err_msg=str(betas)
             )
-            np.testing.assert_allclose(ours.final_alpha_cumprod(), float(sch.final_alpha_cumprod), rtol=1e-6)
+            if cls != "DDPMScheduler":
+                np.testing.assert_allclose(
+                    ours.final_alpha_cumprod(), float(sch.final_alpha_cumprod), rtol=1e-6
+                )
     # the default of the module-level helper is the DDPM path's scaled_linear table
     np.testing.assert_allclose(
         read_scheduler_config({}, "tcd").alphas_cumprod(), ddpm.alphas_cumprod(), rtol=2e-6
@@ -132,11 +151,15 @@ def test_alphas_cumprod_match_diffusers(cls):
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 10])
 def test_timesteps_match_diffusers(n):
-    for spacing in ("leading", "trailing", "linspace"):
-        for extra in ({}, {"steps_offset": 1}, {"num_train_timesteps": 500}):
-            sch = DDIMScheduler(timestep_spacing=spacing, **extra)
+    for spacing, extra, cls in itertools.product(
+        ("leading", "trailing", "linspace"),
+        ({}, {"steps_offset": 1}, {"num_train_timesteps": 500}),
+        ("DDIMScheduler", "DDPMScheduler"),
+    ):
+        if True:
+            sch = CLASSES[cls](timestep_spacing=spacing, **extra)
             sch.set_timesteps(n)
-            ours = read_scheduler_config(dict(sch.config), "ddim").timesteps(n)
+            ours = read_scheduler_config(dict(sch.config), cls).timesteps(n)
             np.testing.assert_array_equal(ours, sch.timesteps.numpy(), err_msg=f"{spacing} {extra}")
     for cls in ("LCMScheduler", "TCDScheduler"):
         for extra, set_kw in (
@@ -190,6 +213,14 @@ def test_config_errors_and_cross_class_reading(tmp_path):
         scheduler_config("tcd", beta_schedule="cosine")
     with pytest.raises(UserError, match="prediction_type"):
         scheduler_config("lcm", prediction_type="flow")
+    with pytest.raises(UserError, match="variance_type 'learned_range' is not supported"):
+        scheduler_config("ddpm", variance_type="learned_range")
+    with pytest.raises(UserError, match="beta_schedule 'sigmoid'"):
+        scheduler_config("ddim", beta_schedule="sigmoid")  # DDPMScheduler's alone
+    with pytest.raises(UserError, match="set_alpha_to_one"):
+        scheduler_config("ddpm", set_alpha_to_one=False)
+    with pytest.raises(UserError, match="has no eta"):
+        scheduler_config("ddpm").sample(lambda x, t: x, jnp.zeros(SHAPE), 2, eta=0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +293,30 @@ def test_lcm_options_match_diffusers(options, monkeypatch):
     # not vacuous: each option moves the sample, except those LCMScheduler never reads
     moved = np.abs(outs[-1] - _compare("LCMScheduler", {}, monkeypatch, 4)).max()
     assert (moved == 0.0) if options in (LCM_CASES[0], LCM_CASES[-1]) else (moved > 1e-3), moved
+
+
+DDPM_CASES = [
+    {},  # DDPMScheduler(): linear betas, fixed_small, clip_sample=True, leading
+    {"clip_sample": False},
+    {"clip_sample_range": 0.5},
+    {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5},
+    {"variance_type": "fixed_small_log"},
+    {"variance_type": "fixed_large"},
+    {"timestep_spacing": "trailing"},  # the last step (timestep 249 at N = 4) still adds noise
+    {"timestep_spacing": "linspace"},
+    {"steps_offset": 1},
+    {"prediction_type": "v_prediction", "beta_schedule": "sigmoid"},
+    {"prediction_type": "sample", "beta_schedule": "laplace", "clip_sample": False},
+    {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+]
+
+
+@pytest.mark.parametrize("options", DDPM_CASES, ids=[f"{i}" for i in range(len(DDPM_CASES))])
+def test_ddpm_options_match_diffusers(options, monkeypatch):
+    outs = [_compare("DDPMScheduler", options, monkeypatch, n) for n in (1, 3, 4)]
+    moved = np.abs(outs[-1] - _compare("DDPMScheduler", {}, monkeypatch, 4)).max()
+    # fixed_small_log is fixed_small through exp / log: the same sample up to rounding
+    assert (moved < 1e-5) if options in (DDPM_CASES[0], DDPM_CASES[4]) else (moved > 1e-3), moved
 
 
 TCD_CASES = [
@@ -346,6 +401,13 @@ _TEACHER = _ddpm_teacher()
             3,
         ),
         ("diffusers_lcm:clip_sample=true", "LCMScheduler", {"clip_sample": True}, {}, 2),
+        (
+            "diffusers_ddpm:variance_type=fixed_large",
+            "DDPMScheduler",
+            {"variance_type": "fixed_large"},
+            {},
+            3,
+        ),
     ],
 )
 def test_teacher_table_offers_the_diffusers_loop(method, cls, options, step_kw, nfe, monkeypatch):
@@ -365,7 +427,7 @@ def test_teacher_table_offers_the_diffusers_loop(method, cls, options, step_kw, 
         sch = CLASSES[cls](**betas, **options)
         ref.append(_run_diffusers(sch, cls, monkeypatch, xb, fn, z, nfe, **step_kw)[-1])
     np.testing.assert_allclose(ours, np.concatenate(ref), rtol=1e-4, atol=1e-4)
-    if cls != "DDIMScheduler":
+    if cls in ("LCMScheduler", "TCDScheduler"):
         assert sampler(x1, 60) is None  # LCM / TCD schedules hold at most 50 steps
 
 

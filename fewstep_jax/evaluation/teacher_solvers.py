@@ -6,10 +6,13 @@ converged teacher (the adaptive reference flow map itself) and, for mixtures, fr
 samples of the same size (the finite-sample floor of the distance).
 
 On a DDPM path the table also offers the integer loops diffusers users run: a method
-``diffusers_ddim``, ``diffusers_lcm`` or ``diffusers_tcd``, optionally followed by scheduler options
-``:key=value`` (e.g. ``diffusers_ddim:timestep_spacing=trailing:clip_sample=false``; no commas, since
-a config's solver list is comma-separated), is ``DDIMScheduler`` / ``LCMScheduler`` /
-``TCDScheduler`` with diffusers' defaults and the teacher's betas (:func:`diffusers_scheduler`).
+``diffusers_ddim``, ``diffusers_ddpm``, ``diffusers_lcm`` or ``diffusers_tcd``, optionally followed
+by scheduler options ``:key=value`` (e.g. ``diffusers_ddim:timestep_spacing=trailing:clip_sample=false``;
+no commas, since a config's solver list is comma-separated), is ``DDIMScheduler`` /
+``DDPMScheduler`` / ``LCMScheduler`` / ``TCDScheduler`` with diffusers' defaults and the teacher's
+betas (:func:`diffusers_scheduler`). ``DDIMScheduler()``'s defaults clip x0 to [-1, 1] and space
+timesteps ``leading``: what a user of the defaults sees; few-step models are sampled with
+``timestep_spacing=trailing``.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def solve_batched(
 
 DIFFUSERS_SOLVERS = {
     "diffusers_ddim": "DDIMScheduler",
+    "diffusers_ddpm": "DDPMScheduler",
     "diffusers_lcm": "LCMScheduler",
     "diffusers_tcd": "TCDScheduler",
 }
@@ -106,7 +110,7 @@ def _option_value(text: str):
 def diffusers_scheduler(method: str, path) -> tuple[SchedulerConfig, float | None, bool]:
     """``(scheduler config, eta, use_clipped_model_output)`` of a diffusers solver name on a DDPM path.
 
-    ``method`` is ``diffusers_<ddim|lcm|tcd>[:key=value...]``: keys are the scheduler's config options
+    ``method`` is ``diffusers_<ddim|ddpm|lcm|tcd>[:key=value...]``: keys are the scheduler's config options
     (unknown ones are errors) or its step's ``eta`` / ``use_clipped_model_output``; the betas come
     from ``path``.
     """

@@ -24,6 +24,7 @@ Array = jax.Array
 ModelFn = Callable[[Array, int], Array]
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+DDPM_ONLY_BETA_SCHEDULES = ("sigmoid", "laplace")  # DDPMScheduler's further tables
 
 
 def alphas_cumprod(path: DDPM | None = None) -> np.ndarray:
@@ -46,7 +47,10 @@ def beta_table(
 
     ``squaredcos_cap_v2`` is GLIDE's cosine ``abar(t) = cos^2((t + 0.008) / 1.008 * pi / 2)`` with
     each beta capped at 0.999; ``rescale_betas_zero_snr`` shifts and scales ``sqrt(abar)`` so the last
-    timestep has zero SNR and the first keeps its value (Lin et al. 2023, Algorithm 1).
+    timestep has zero SNR and the first keeps its value (Lin et al. 2023, Algorithm 1). DDPMScheduler
+    alone also takes ``sigmoid`` (GeoDiff: ``beta_start + (beta_end - beta_start) sigmoid(u)``, u
+    evenly in [-6, 6]) and ``laplace`` (``abar = sqrt(snr / (1 + snr))`` of a Laplace log-SNR, capped
+    like the cosine).
     """
     if trained_betas is not None:
         betas = np.asarray(trained_betas, np.float64)
@@ -54,15 +58,24 @@ def beta_table(
         betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
     elif beta_schedule == "scaled_linear":
         betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
-    elif beta_schedule == "squaredcos_cap_v2":
+    elif beta_schedule in ("squaredcos_cap_v2", "laplace"):
 
-        def abar(t: float) -> float:
+        def cosine(t: float) -> float:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
+        def laplace(t: float) -> float:
+            snr = math.exp(-0.5 * math.copysign(1.0, 0.5 - t) * math.log(1.0 - 2.0 * abs(0.5 - t) + 1e-6))
+            return math.sqrt(snr / (1.0 + snr))
+
+        abar = cosine if beta_schedule == "squaredcos_cap_v2" else laplace
         T = num_train_timesteps
         betas = np.array([min(1.0 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)])
+    elif beta_schedule == "sigmoid":
+        u = np.linspace(-6.0, 6.0, num_train_timesteps, dtype=np.float64)
+        betas = (beta_end - beta_start) / (1.0 + np.exp(-u)) + beta_start
     else:
-        raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of {BETA_SCHEDULES}")
+        names = BETA_SCHEDULES + DDPM_ONLY_BETA_SCHEDULES
+        raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of {names}")
     betas = betas.astype(np.float32)
     if rescale_betas_zero_snr:
         root = np.sqrt(np.cumprod(1.0 - betas.astype(np.float64)))
@@ -166,6 +179,7 @@ def pick(origin: np.ndarray, num_steps: int, original_steps: int | None, num_tra
 
 __all__ = [
     "BETA_SCHEDULES",
+    "DDPM_ONLY_BETA_SCHEDULES",
     "PREDICTION_TYPES",
     "X0Limit",
     "aligned_origin",

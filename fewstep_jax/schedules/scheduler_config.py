@@ -1,12 +1,13 @@
 """A diffusers scheduler as its users configure it: a ``scheduler_config.json`` (or dict) of
-``DDIMScheduler``, ``LCMScheduler`` or ``TCDScheduler`` read into a :class:`SchedulerConfig` that
-builds the same ``alphas_cumprod``, timesteps and sampling loop (``schedules/*_scheduler.py``).
+``DDIMScheduler``, ``DDPMScheduler``, ``LCMScheduler`` or ``TCDScheduler`` read into a
+:class:`SchedulerConfig` that builds the same ``alphas_cumprod``, timesteps and sampling loop
+(``schedules/*_scheduler.py``).
 
 Defaults are those of the diffusers class (0.42), so ``read_scheduler_config({}, "DDIMScheduler")``
 is ``DDIMScheduler()``: linear betas 1e-4..0.02, ``clip_sample=True``, ``leading`` spacing. Keys
 starting with ``_`` (``_class_name``, ``_diffusers_version``) are ignored. Any other key the class
 lacks is an error naming it, with two exceptions that follow diffusers' ``from_config``: a config
-written by another of the three classes (its ``_class_name``) may carry that class's own options,
+written by another of these classes (its ``_class_name``) may carry that class's own options,
 which are dropped; and the options an in-memory ``scheduler.config`` lists under
 ``_use_default_values`` take the built class's defaults. Options that diffusers accepts but never
 reads in a step (TCD's clipping, LCM / TCD's ``timestep_spacing``) are accepted and change
@@ -29,6 +30,7 @@ from fewstep_jax.errors import UserError
 from fewstep_jax.schedules.ddim_scheduler import TIMESTEP_SPACINGS, ddim_sample, ddim_timesteps
 from fewstep_jax.schedules.ddpm import (
     BETA_SCHEDULES,
+    DDPM_ONLY_BETA_SCHEDULES,
     PREDICTION_TYPES,
     Array,
     ModelFn,
@@ -36,6 +38,7 @@ from fewstep_jax.schedules.ddpm import (
     beta_table,
     cumprod_alphas,
 )
+from fewstep_jax.schedules.ddpm_scheduler import VARIANCE_TYPES, ddpm_sample
 from fewstep_jax.schedules.lcm_scheduler import lcm_sample, lcm_timesteps
 from fewstep_jax.schedules.tcd_scheduler import tcd_sample, tcd_timesteps
 
@@ -70,20 +73,29 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "beta_schedule": "linear",
         "clip_sample": True,
     },
+    "DDPMScheduler": {
+        **{k: v for k, v in _SHARED.items() if k != "set_alpha_to_one"},
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "clip_sample": True,
+        "variance_type": "fixed_small",
+    },
     "LCMScheduler": dict(_CONSISTENCY),
     "TCDScheduler": dict(_CONSISTENCY),
 }
 SCHEDULER_CLASSES = tuple(DEFAULTS)
-_ALIASES = {"ddim": "DDIMScheduler", "lcm": "LCMScheduler", "tcd": "TCDScheduler"}
-# the step's default eta of each class (DDIM's eta, TCD's gamma; LCM has none)
-DEFAULT_ETA = {"DDIMScheduler": 0.0, "LCMScheduler": 0.0, "TCDScheduler": 0.3}
+_ALIASES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "lcm": "LCMScheduler", "tcd": "TCDScheduler"}
+# the step's default eta of each class (DDIM's eta, TCD's gamma; DDPM and LCM have none)
+DEFAULT_ETA = {"DDIMScheduler": 0.0, "DDPMScheduler": 0.0, "LCMScheduler": 0.0, "TCDScheduler": 0.3}
 
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     """The options of one diffusers scheduler (hashable: a static jit argument).
 
-    ``original_inference_steps`` and ``timestep_scaling`` exist for LCM / TCD only.
+    ``original_inference_steps`` and ``timestep_scaling`` exist for LCM / TCD only,
+    ``variance_type`` for DDPM only (which has no ``set_alpha_to_one``).
     """
 
     cls: str
@@ -94,7 +106,6 @@ class SchedulerConfig:
     trained_betas: tuple[float, ...] | None
     clip_sample: bool
     clip_sample_range: float
-    set_alpha_to_one: bool
     steps_offset: int
     prediction_type: str
     thresholding: bool
@@ -102,22 +113,30 @@ class SchedulerConfig:
     sample_max_value: float
     timestep_spacing: str
     rescale_betas_zero_snr: bool
+    set_alpha_to_one: bool = True
     original_inference_steps: int = 50
     timestep_scaling: float = 10.0
+    variance_type: str = "fixed_small"
 
     def __post_init__(self):
         where = f"{self.cls} config"
         if self.cls not in DEFAULTS:
             raise UserError(f"unknown scheduler class {self.cls!r}; expected one of {SCHEDULER_CLASSES}")
-        if self.trained_betas is None and self.beta_schedule not in BETA_SCHEDULES:
-            raise UserError(f"{where}: beta_schedule {self.beta_schedule!r} is not one of {BETA_SCHEDULES}")
+        schedules = BETA_SCHEDULES + (DDPM_ONLY_BETA_SCHEDULES if self.cls == "DDPMScheduler" else ())
+        if self.trained_betas is None and self.beta_schedule not in schedules:
+            raise UserError(f"{where}: beta_schedule {self.beta_schedule!r} is not one of {schedules}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise UserError(
                 f"{where}: prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}"
             )
-        if self.cls == "DDIMScheduler" and self.timestep_spacing not in TIMESTEP_SPACINGS:
+        if self.cls in ("DDIMScheduler", "DDPMScheduler") and self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise UserError(
                 f"{where}: timestep_spacing {self.timestep_spacing!r} is not one of {TIMESTEP_SPACINGS}"
+            )
+        if self.cls == "DDPMScheduler" and self.variance_type not in VARIANCE_TYPES:
+            raise UserError(
+                f"{where}: variance_type {self.variance_type!r} is not supported (one of {VARIANCE_TYPES}; "
+                "learned variances need a model that predicts them)"
             )
 
     def alphas_cumprod(self) -> np.ndarray:
@@ -133,6 +152,7 @@ class SchedulerConfig:
         return cumprod_alphas(betas)
 
     def final_alpha_cumprod(self) -> float:
+        """What DDIM steps to below timestep 0 (DDPM always steps to 1)."""
         return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod()[0])
 
     def x0_limit(self) -> X0Limit | None:
@@ -154,10 +174,10 @@ class SchedulerConfig:
         """``set_timesteps(num_steps, original_inference_steps=..., strength=...)`` (descending int64);
         the last two are LCM / TCD's arguments."""
         T = self.num_train_timesteps
-        if self.cls == "DDIMScheduler":
+        if self.cls in ("DDIMScheduler", "DDPMScheduler"):
             if original_inference_steps is not None or strength != 1.0:
                 raise UserError(
-                    "DDIMScheduler.set_timesteps takes neither original_inference_steps nor strength"
+                    f"{self.cls}.set_timesteps takes neither original_inference_steps nor strength"
                 )
             return ddim_timesteps(num_steps, T, self.steps_offset, self.timestep_spacing)
         if self.cls == "LCMScheduler":
@@ -192,9 +212,9 @@ class SchedulerConfig:
         """The diffusers sampling loop: ``set_timesteps(num_steps)`` (or the given ``timesteps``),
         then ``step`` per timestep on ``model_fn(x, timestep)``.
 
-        ``eta``: DDIM's eta (default 0) or TCD's gamma (default 0.3, the step's default); LCM has none.
-        ``noises``: the injected noise, (N, ...) for DDIM with eta > 0, (N - 1, ...) for LCM and for
-        TCD with gamma > 0. ``use_clipped_model_output``: DDIM's step argument.
+        ``eta``: DDIM's eta (default 0) or TCD's gamma (default 0.3, the step's default); DDPM and LCM
+        have none. ``noises``: the injected noise, (N, ...) for DDPM and for DDIM with eta > 0,
+        (N - 1, ...) for LCM and for TCD with gamma > 0. ``use_clipped_model_output``: DDIM's step argument.
         """
         if (num_steps is None) == (timesteps is None):
             raise UserError("pass exactly one of num_steps and timesteps")
@@ -221,9 +241,21 @@ class SchedulerConfig:
             )
         if use_clipped_model_output:
             raise UserError(f"use_clipped_model_output is a DDIMScheduler.step argument, not {self.cls}'s")
+        if eta and self.cls in ("DDPMScheduler", "LCMScheduler"):
+            raise UserError(f"{self.cls}.step has no eta")
+        if self.cls == "DDPMScheduler":
+            return ddpm_sample(
+                model_fn,
+                x,
+                timesteps,
+                abar,
+                noises,
+                self.prediction_type,
+                self.variance_type,
+                return_trajectory,
+                x0_limit=self.x0_limit(),
+            )
         if self.cls == "LCMScheduler":
-            if eta:
-                raise UserError("LCMScheduler.step has no eta")
             return lcm_sample(
                 model_fn,
                 x,
@@ -239,7 +271,7 @@ class SchedulerConfig:
 
 
 def scheduler_class(name: str) -> str:
-    """The diffusers class name of ``name`` (a class name or ``ddim`` / ``lcm`` / ``tcd``)."""
+    """The diffusers class name of ``name`` (a class name or ``ddim`` / ``ddpm`` / ``lcm`` / ``tcd``)."""
     cls = _ALIASES.get(str(name).lower(), name)
     if cls not in DEFAULTS:
         raise UserError(
@@ -257,7 +289,7 @@ def read_scheduler_config(
 ) -> SchedulerConfig:
     """A :class:`SchedulerConfig` from a diffusers scheduler config (a dict or a json file).
 
-    cls: the class to build (a class name or ``ddim`` / ``lcm`` / ``tcd``); default the config's
+    cls: the class to build (a class name or ``ddim`` / ``ddpm`` / ``lcm`` / ``tcd``); default the config's
       ``_class_name``. Building another class than the one that wrote the config is diffusers'
       ``Target.from_config(source.config)``.
     ignored: further keys to drop (for a config written by another diffusers class).

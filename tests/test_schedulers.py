@@ -452,3 +452,26 @@ def test_diffusers_solver_name_errors():
     cfg, eta, clipped = teacher_solvers.diffusers_scheduler("diffusers_ddim:thresholding=true:eta=0.2", path)
     assert cfg.thresholding and cfg.clip_sample and eta == 0.2 and not clipped
     assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end) == ("scaled_linear", 0.00085, 0.012)
+
+
+@pytest.mark.parametrize("cls", ["DDPMScheduler", "LCMScheduler", "TCDScheduler"])
+def test_custom_timesteps_match_diffusers(cls, monkeypatch):
+    """``set_timesteps(timesteps=[...])``: each step goes to the next listed timestep."""
+    custom = [999, 701, 302, 45]
+    sch = CLASSES[cls]()
+    fn = _model(4)
+    r = np.random.default_rng(5)
+    x = r.standard_normal(SHAPE).astype(np.float32)
+    noises = r.standard_normal((len(custom), *SHAPE)).astype(np.float32)
+    calls = iter(noises)
+    monkeypatch.setattr(MODULES[cls], "randn_tensor", lambda *a, **k: torch.from_numpy(np.array(next(calls))))
+    sch.set_timesteps(timesteps=custom)
+    xt = torch.from_numpy(x)
+    for t in sch.timesteps:
+        xt = sch.step(torch.from_numpy(fn(xt.numpy(), int(t))), t, xt).prev_sample
+    ours = read_scheduler_config(dict(sch.config), cls).sample(
+        lambda xx, t: jnp.asarray(fn(np.asarray(xx), t)), jnp.asarray(x), timesteps=custom, noises=noises
+    )
+    np.testing.assert_allclose(
+        np.asarray(ours), xt.numpy(), rtol=1e-4, atol=1e-4 * max(1.0, np.abs(xt.numpy()).max())
+    )

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fewstep_jax.paths import DDPM, Path, edm_sigma, t_from_edm_sigma
+from fewstep_jax.paths import DDPM, Path, bcast, edm_sigma, t_from_edm_sigma
 
 Array = jax.Array
 Velocity = Callable[[Array, Array], Array]
@@ -160,6 +160,44 @@ def rk4_step(velocity: Velocity, x: Array, t: Array, s: Array) -> Array:
     return x + h / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
+# ---------------------------------------------------------------------------------------------
+# the last stage into the data: one rule for solvers, trajectory losses and teacher pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def singular_at_data(path: Path, singular_teacher: bool = False) -> bool:
+    """Whether a teacher's velocity is singular at t = 0, so that no solver stage may land there:
+    the teacher itself is (``singular_teacher``: the ideal denoiser of a finite set, whose
+    ``eps = (x - alpha x0) / sigma`` divides by sigma = 0 off the trajectory), or its path is
+    (VP paths: sigma ~ sqrt(t) has an infinite derivative at the data, ``Path.deriv_floor > 0``)."""
+    return bool(singular_teacher) or path.deriv_floor > 0
+
+
+def into_data_is_euler(s: Array, euler_into_data: bool) -> Array:
+    """The one rule for a step into the data (EDM's Algorithm 1): with ``euler_into_data`` (a
+    teacher :func:`singular_at_data`) a Heun / RK4 step that ends at ``s == 0`` is an Euler step,
+    so none of its stages is evaluated at t = 0. ``s`` a scalar or (B,); a bool array like ``s``."""
+    return jnp.logical_and(bool(euler_into_data), jnp.asarray(s) == 0.0)
+
+
+def per_sample_step(
+    velocity: Velocity, x: Array, t: Array, s: Array, method: str = "heun", euler_into_data: bool = False
+) -> Array:
+    """One Euler / Heun step ``t -> s`` with per-sample times ``t, s`` (B,) (the trajectory losses'
+    teacher jumps). Heun's second stage follows :func:`into_data_is_euler`: where it applies the step is
+    Euler and the stage is evaluated at ``t`` instead (its value unused), so no evaluation at t = 0.
+    Cost: 1 NFE (Euler) or 2 (Heun) per sample, an Euler-into-data step included."""
+    h = bcast(s - t, x)
+    v1 = velocity(x, t)
+    if method == "euler":
+        return x + h * v1
+    if method != "heun":
+        raise ValueError(f"per-sample steps are 'euler' or 'heun', got {method!r}")
+    last = into_data_is_euler(s, euler_into_data)
+    v2 = velocity(x + h * v1, jnp.where(last, t, s))
+    return x + 0.5 * h * (v1 + jnp.where(bcast(last, x) > 0, v1, v2))
+
+
 def x0_eps_from_velocity(velocity: Velocity, path: Path, x: Array, t: Array) -> tuple[Array, Array]:
     """The ``(x0, eps)`` predictions implied by the velocity at ``(x, t)`` (t a scalar)."""
     tt = _full(t, x)
@@ -194,9 +232,8 @@ def solve(
       method: one of ``euler, heun, rk4, ddim, dpmpp_2m``.
       path: required by ``ddim`` and ``dpmpp_2m``.
       return_trajectory: also return the states at every grid time, (N + 1, B, ...).
-      euler_into_data: make a Heun / RK4 step that ends at t = 0 an Euler step (EDM's Algorithm 1),
-        for teachers whose velocity is singular at the data (the ideal denoiser of a finite set:
-        a stage evaluated at t = 0 off the trajectory divides by sigma = 0). Such a step costs 1 NFE.
+      euler_into_data: make a Heun / RK4 step that ends at t = 0 an Euler step (the rule of
+        :func:`into_data_is_euler`), for teachers :func:`singular_at_data`. Such a step costs 1 NFE.
     Returns:
       the state at ``grid[-1]`` (and the trajectory).
     """
@@ -219,7 +256,7 @@ def solve(
     def body(xc, ts):
         if euler_into_data and method in ("heun", "rk4"):
             xn = jax.lax.cond(
-                ts[1] == 0.0,
+                into_data_is_euler(ts[1], True),
                 lambda: euler_step(velocity, xc, ts[0], ts[1]),
                 lambda: step_fn(velocity, xc, ts[0], ts[1]),
             )
@@ -353,9 +390,12 @@ __all__ = [
     "edm_grid",
     "euler_step",
     "heun_step",
+    "into_data_is_euler",
     "make_grid",
     "nfe_of",
+    "per_sample_step",
     "rk4_step",
+    "singular_at_data",
     "solve",
     "solve_adaptive",
     "tcd_grid",

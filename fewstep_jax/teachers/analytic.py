@@ -192,6 +192,7 @@ def ideal_denoiser_teacher(
         data_shape=tuple(data.shape[1:]),
         num_classes=0 if labels is None else int(np.max(labels)) + 1,
         name=name,
+        singular_at_zero=True,  # eps = (x - alpha x0) / sigma: no density, sigma = 0 at the data
     )
 
 

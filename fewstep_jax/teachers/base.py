@@ -38,6 +38,8 @@ class Teacher:
       data_shape: shape of one sample, e.g. ``(2,)`` or ``(28, 28, 1)``.
       num_classes: number of class labels (0 = unconditional); label -1 is the null class.
       name: for reports.
+      singular_at_zero: the velocity is singular at t = 0 on any path (the ideal denoiser of a
+        finite set); with the path's own singularity this is :attr:`euler_into_data`.
     """
 
     params: Any
@@ -47,6 +49,13 @@ class Teacher:
     data_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
     num_classes: int = flax.struct.field(pytree_node=False, default=0)
     name: str = flax.struct.field(pytree_node=False, default="teacher")
+    singular_at_zero: bool = flax.struct.field(pytree_node=False, default=False)
+
+    @property
+    def euler_into_data(self) -> bool:
+        """Whether solves of this teacher step into the data with Euler (docs/methods.md pitfall 23):
+        :func:`fewstep_jax.solvers.singular_at_data` of its path and its own singularity."""
+        return solvers.singular_at_data(self.path, self.singular_at_zero)
 
     # ---- input checks (run on concrete arrays at the edges; no-ops under tracing) -------------
     def check_input(self, x: Array, t: Array | None = None) -> None:

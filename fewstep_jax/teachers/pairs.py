@@ -34,6 +34,7 @@ def generate_pairs(
     guidance: float = 1.0,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    euler_into_data: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """Solves the teacher ODE from ``num_pairs`` prior samples to t = 0, in batches.
 
@@ -42,6 +43,9 @@ def generate_pairs(
         ``grid`` (``auto``: :func:`fewstep_jax.solvers.default_grid`), or ``"adaptive"``
         (Dormand-Prince with ``rtol``/``atol``, as the RF repo's RK45 pairs).
       labels: (num_pairs,) int class labels for a conditional teacher (saved as ``"label"``).
+      euler_into_data: a fixed-step solve's last step into t = 0 is Euler (the solvers' rule,
+        :func:`fewstep_jax.solvers.into_data_is_euler`); None: the teacher's own
+        (:attr:`~fewstep_jax.teachers.base.Teacher.euler_into_data`, as the evaluation's solvers).
     Returns:
       ``{"noise", "x"[, "label"]}`` numpy arrays, float32 (N, *data_shape).
     """
@@ -58,12 +62,13 @@ def generate_pairs(
     if grid == "auto":
         grid = solvers.default_grid(teacher.path.name)
     times = None if method == "adaptive" else solvers.make_grid(grid, num_steps, teacher.path)
+    into = teacher.euler_into_data if euler_into_data is None else bool(euler_into_data)
 
     @jax.jit
     def solve(teacher: Teacher, z, lab):
         if method == "adaptive":
             return solvers.solve_adaptive(teacher.velocity_fn(lab, guidance), z, 1.0, 0.0, rtol, atol)[0]
-        return teacher.solve(z, times, method, lab, guidance)
+        return teacher.solve(z, times, method, lab, guidance, euler_into_data=into)
 
     noises, xs = [], []
     for i, start in enumerate(range(0, num_pairs, batch_size)):

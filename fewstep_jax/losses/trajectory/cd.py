@@ -46,7 +46,17 @@ def cd(cfg, student: Student):
         ts = sample_grid_times(k_time, grid, x0.shape[0], 1)
         x_t = path.interpolate(x0, eps, ts.t)
         x_r = teacher_jump(
-            teacher, x_t, grid, ts.n, ts.k, 1, opts["solver"], opts["substeps"], label, opts["guidance"]
+            teacher,
+            x_t,
+            grid,
+            ts.n,
+            ts.k,
+            1,
+            opts["solver"],
+            opts["substeps"],
+            label,
+            opts["guidance"],
+            opts["euler_into_data"],
         )
         zero = jnp.zeros_like(ts.t)
         est = student(params, x_t, ts.t, zero, label=label, rng=k_drop, train=True)

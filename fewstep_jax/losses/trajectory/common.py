@@ -33,11 +33,13 @@ CHOICES = {
     "jump_weighting": JUMP_WEIGHTINGS,
     "target": TARGETS,
     "bootstrap_target": TARGETS,
+    "euler_into_data": ("auto", True, False),
 }
 
 # time-grid options shared by the grid-based terms (CTM defaults for CIFAR-10: N = 18, K = 17)
 GRID = {"grid": "uniform", "num_grid": 18, "max_jump": 17, "jump_weighting": "linear"}
-SOLVE = {"solver": "heun", "substeps": 1, "guidance": 1.0}
+# euler_into_data: "auto" = the teacher's rule (Teacher.euler_into_data), as the evaluation's solvers
+SOLVE = {"solver": "heun", "substeps": 1, "guidance": 1.0, "euler_into_data": "auto"}
 DIST = {"distance": "l2", "huber_c": 0.0}
 
 

@@ -7,7 +7,9 @@
 * :func:`teacher_jump`: a per-sample teacher solve ``t -> r`` over the ``k`` grid intervals of the
   jump (each split into ``substeps`` equal steps), vectorised by running ``max_jump * substeps``
   steps whose times are clamped at ``r``: padded steps have zero length and are exact identities
-  of Euler / Heun, so no masking is needed (the cost is that of the longest jump).
+  of Euler / Heun, so no masking is needed (the cost is that of the longest jump). A step that
+  ends at t = 0 follows the solvers' rule for the last stage into the data
+  (:func:`fewstep_jax.solvers.into_data_is_euler`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fewstep_jax import solvers
-from fewstep_jax.paths import Path, bcast
+from fewstep_jax.paths import Path
 from fewstep_jax.teachers.base import Teacher
 
 Array = jax.Array
@@ -72,23 +74,16 @@ def sample_grid_times(
     return GridTimes(n, k, m, grid[n], grid[n - k], grid[m])
 
 
-def _step(velocity, x: Array, t: Array, s: Array, method: str) -> Array:
-    """One per-sample Euler / Heun step t -> s (t, s (B,))."""
-    h = bcast(s - t, x)
-    v1 = velocity(x, t)
-    if method == "euler":
-        return x + h * v1
-    v2 = velocity(x + h * v1, s)
-    return x + 0.5 * h * (v1 + v2)
-
-
-def solve_per_sample(velocity, x: Array, times: Array, method: str = "heun") -> Array:
-    """Integrates along per-sample time rows ``times`` (B, M + 1) with M Euler / Heun steps."""
+def solve_per_sample(
+    velocity, x: Array, times: Array, method: str = "heun", euler_into_data: bool = False
+) -> Array:
+    """Integrates along per-sample time rows ``times`` (B, M + 1) with M Euler / Heun steps; with
+    ``euler_into_data`` a Heun step ending at t = 0 is Euler (``solvers.into_data_is_euler``)."""
     if method not in JUMP_SOLVERS:
         raise ValueError(f"per-sample solver must be one of {JUMP_SOLVERS}, got {method!r}")
 
     def body(xc, ts):
-        return _step(velocity, xc, ts[0], ts[1], method), None
+        return solvers.per_sample_step(velocity, xc, ts[0], ts[1], method, euler_into_data), None
 
     pairs = jnp.stack([times[:, :-1].T, times[:, 1:].T], axis=1)  # (M, 2, B)
     x_end, _ = jax.lax.scan(body, x, pairs)
@@ -120,14 +115,28 @@ def teacher_jump(
     substeps: int = 1,
     label: Array | None = None,
     guidance: float = 1.0,
+    euler_into_data: bool | str = "auto",
 ) -> Array:
     """``sg[Phi_teacher(x, t_n -> t_{n-k})]`` with ``k * substeps`` steps per sample (B, ...).
 
+    ``euler_into_data``: ``"auto"`` (the teacher's :attr:`~fewstep_jax.teachers.base.Teacher.euler_into_data`,
+    as the evaluation's solvers), or a bool: the last Heun step of a jump that ends at t = 0 is
+    Euler on a teacher singular at the data (docs/methods.md pitfall 23).
     Cost: ``max_jump * substeps`` steps (x2 NFE for Heun) for every sample, whatever its ``k``.
     """
     times = jump_times(grid, n, k, max_jump, substeps)
     velocity = lambda xx, tt: teacher.velocity(xx, tt, label, guidance)
-    return jax.lax.stop_gradient(solve_per_sample(velocity, x, times, method))
+    into = resolve_euler_into_data(euler_into_data, teacher)
+    return jax.lax.stop_gradient(solve_per_sample(velocity, x, times, method, into))
+
+
+def resolve_euler_into_data(option: bool | str, teacher: Teacher) -> bool:
+    """A term's ``euler_into_data`` option: ``"auto"`` is the teacher's own rule, else the bool."""
+    if isinstance(option, str):
+        if option != "auto":
+            raise ValueError(f"euler_into_data must be 'auto', True or False, got {option!r}")
+        return teacher.euler_into_data
+    return bool(option)
 
 
 __all__ = [
@@ -135,6 +144,7 @@ __all__ = [
     "JUMP_WEIGHTINGS",
     "GridTimes",
     "jump_times",
+    "resolve_euler_into_data",
     "sample_grid_times",
     "solve_per_sample",
     "teacher_jump",

@@ -99,7 +99,17 @@ def _traflow_core(opts: dict, student: Student, name: str):
         x_r = None
         if need_xr:
             x_r = teacher_jump(
-                teacher, x_t, grid, ts.n, ts.k, K, opts["solver"], opts["substeps"], label, opts["guidance"]
+                teacher,
+                x_t,
+                grid,
+                ts.n,
+                ts.k,
+                K,
+                opts["solver"],
+                opts["substeps"],
+                label,
+                opts["guidance"],
+                opts["euler_into_data"],
             )
         if need_r:
             G_tr, g_tr = flow(student, params, x_t, ts.t, ts.r, **kw)

@@ -1,0 +1,176 @@
+"""The four deviations from the reference methods fixed by issue 16, each pinned against numpy
+written from the method's equations (docs/methods.md pitfall 23, §5.4, §5.5, §5.7).
+
+1. A teacher singular at the data steps into t = 0 with Euler in the trajectory losses' jumps and
+   the reflow pairs, as the evaluation's solvers do (one rule, ``solvers.into_data_is_euler``).
+2. CTM's jump sampler: ``k ~ p(k) ∝ k`` once per batch, then the start uniformly among those that fit.
+3. DMD / DMD2: the generator updates first and the fake score trains on the pre-update samples;
+   noise levels uniform over the indices of DMD2's 1000-point Karras grid.
+4. MeanFlow's adaptive weight from the per-sample error summed over dimensions.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from fewstep_jax import solvers
+from fewstep_jax.losses.api import LossInputs, get_factory
+from fewstep_jax.losses.trajectory import cd as cd_module
+from fewstep_jax.losses.trajectory import traflow as traflow_module
+from fewstep_jax.losses.trajectory.grid import GridTimes, teacher_jump
+from fewstep_jax.paths import get_path
+from fewstep_jax.students import Student
+from fewstep_jax.teachers import pairs as teacher_pairs
+from fewstep_jax.teachers.analytic import gaussian_mixture_teacher, gmm_params, ideal_denoiser_teacher
+
+# ---------------------------------------------------------------------------------------------
+# 1. the last stage into the data
+# ---------------------------------------------------------------------------------------------
+
+RNG = np.random.default_rng(16)
+DATA = RNG.standard_normal((6, 3)).astype(np.float32)  # a finite set: the ideal denoiser's data
+
+
+def np_ideal_velocity(x, t):
+    """The rectified-flow velocity of the empirical distribution of DATA, from its definition:
+    ``x0 = E[x0 | x_t]`` (softmax of ``-|x - (1-t) x_i|^2 / 2 t^2``), ``eps = (x - (1-t) x0) / t``,
+    ``u = -x0 + eps``; x (B, D), t (B,) > 0."""
+    d = DATA.astype(np.float64)
+    a, s = (1.0 - t)[:, None], t[:, None]
+    logits = -((x[:, None, :] - a[:, :, None] * d[None]) ** 2).sum(-1) / (2 * s**2)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    x0 = (p / p.sum(1, keepdims=True)) @ d
+    return -x0 + (x - a * x0) / s
+
+
+def np_solve(x, rows, euler_into_data=True):
+    """Heun along per-sample descending time rows (B, M + 1); a step ending at t = 0 is Euler."""
+    x = np.asarray(x, np.float64)
+    for j in range(rows.shape[1] - 1):
+        t, s = rows[:, j], rows[:, j + 1]
+        h = (s - t)[:, None]
+        live = t > s  # padded zero-length steps change nothing
+        tt = np.where(live, t, 1.0)
+        v1 = np_ideal_velocity(x, tt)
+        euler = (s == 0) if euler_into_data else np.zeros_like(s, bool)
+        ss = np.where(euler | ~live, tt, s)
+        v2 = np_ideal_velocity(x + h * v1, ss)
+        step = np.where(euler[:, None], h * v1, 0.5 * h * (v1 + v2))
+        x = x + np.where(live[:, None], step, 0.0)
+    return x
+
+
+@pytest.fixture(scope="module")
+def ideal():
+    return ideal_denoiser_teacher(DATA, get_path("rf"))
+
+
+def test_the_rule_names_the_singular_teachers(ideal):
+    gmm = gmm_params(np.zeros((1, 2)), np.eye(2)[None] * 0.1, [1.0])
+    assert ideal.euler_into_data  # the ideal denoiser on any path
+    assert not gaussian_mixture_teacher(gmm, get_path("rf"), conditional=False).euler_into_data
+    assert not gaussian_mixture_teacher(gmm, get_path("vp_cosine"), conditional=False).euler_into_data
+    for name in ("vp_linear", "ddpm", "ddpm_linear"):  # sigma ~ sqrt(t) at the data
+        assert gaussian_mixture_teacher(gmm, get_path(name), conditional=False).euler_into_data
+    s = jnp.array([0.5, 0.0, 0.25])
+    np.testing.assert_array_equal(np.asarray(solvers.into_data_is_euler(s, True)), [False, True, False])
+    assert not np.any(np.asarray(solvers.into_data_is_euler(s, False)))
+
+
+# per sample: (n, k) on a 4-interval uniform grid, 2 substeps; samples 0, 1 end at t = 0
+N_GRID, JUMP_N, JUMP_K, MAX_JUMP, SUBSTEPS = 4, np.array([1, 2, 4, 4]), np.array([1, 2, 3, 4]), 4, 2
+
+
+def np_jump_rows(n, k):
+    grid = np.arange(N_GRID + 1) / N_GRID
+    rows = []
+    for nb, kb in zip(n, k):
+        ts = [
+            grid[nb - j] + (grid[nb - j - 1] - grid[nb - j]) * q / SUBSTEPS
+            for j in range(kb)
+            for q in range(SUBSTEPS)
+        ]
+        rows.append(ts + [grid[nb - kb]] * ((MAX_JUMP - kb) * SUBSTEPS + 1))
+    return np.asarray(rows)
+
+
+def test_teacher_jump_into_the_data_is_euler_on_a_singular_teacher(ideal):
+    x = RNG.standard_normal((4, 3)).astype(np.float32)
+    grid = jnp.arange(N_GRID + 1, dtype=jnp.float32) / N_GRID
+    args = (ideal, jnp.asarray(x), grid, jnp.asarray(JUMP_N), jnp.asarray(JUMP_K), MAX_JUMP, "heun", SUBSTEPS)
+    got = np.asarray(teacher_jump(*args))  # "auto": the teacher's rule
+    want = np_solve(x, np_jump_rows(JUMP_N, JUMP_K))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # the jumps that end at t_1 > 0 are plain Heun, identical either way
+    heun_at_zero = np.asarray(teacher_jump(*args, euler_into_data=False))
+    np.testing.assert_allclose(heun_at_zero[2], want[2], rtol=1e-4, atol=1e-4)
+    # Heun's stage at t = 0 (the old behaviour) moves the data-end targets by O(1), not O(1e-4)
+    assert np.abs(heun_at_zero[:2] - want[:2]).max() > 1e-2
+
+
+def _fixed_times(monkeypatch, module, n, k, m):
+    n, k, m = (jnp.asarray(v, jnp.int32) for v in (n, k, m))
+
+    def sample(rng, grid, batch, max_jump, *args, **kwargs):
+        grid = jnp.asarray(grid, jnp.float32)
+        return GridTimes(n, k, m, grid[n], grid[n - k], grid[m])
+
+    monkeypatch.setattr(module, "sample_grid_times", sample)
+
+
+# G(x, t, s) = x: the reconstruction loss is then |x_t - x_r|^2, the teacher's jump alone
+STILL = Student(apply=lambda p, x, t, s, *a: 0.0 * x, path=get_path("rf"), form="euler", uses_s=True)
+
+
+def _inputs(teacher):
+    return LossInputs(teacher=teacher, student=STILL, ema={}, others={}, step=jnp.zeros((), jnp.int32))
+
+
+@pytest.mark.parametrize("term", ["traflow_rec", "cd"])
+def test_loss_targets_into_the_data_are_euler(monkeypatch, ideal, term):
+    x0 = RNG.standard_normal((4, 3)).astype(np.float32)
+    noise = RNG.standard_normal((4, 3)).astype(np.float32)
+    if term == "cd":
+        n, k = np.array([1, 1, 3, 4]), np.ones(4, int)
+        cfg = {"grid": "uniform", "num_grid": N_GRID, "substeps": SUBSTEPS, "target": "online"}
+        _fixed_times(monkeypatch, cd_module, n, k, np.zeros(4, int))
+        # CD: d(G(x_t, t, 0), sg G(x_r, r, 0)) = |x_t - x_r|^2 for the still student
+        max_jump = 1
+    else:
+        n, k = JUMP_N, JUMP_K
+        cfg = {"grid": "uniform", "num_grid": N_GRID, "max_jump": MAX_JUMP, "substeps": SUBSTEPS}
+        _fixed_times(monkeypatch, traflow_module, n, k, np.zeros(4, int))
+        max_jump = MAX_JUMP
+    fn = get_factory(term)(ml_collections.ConfigDict(cfg), STILL)
+    loss, _ = fn(
+        {}, _inputs(ideal), {"x": jnp.asarray(x0), "noise": jnp.asarray(noise)}, jax.random.PRNGKey(0)
+    )
+    t = n / N_GRID
+    x_t = (1 - t)[:, None] * x0 + t[:, None] * noise
+    grid = np.arange(N_GRID + 1) / N_GRID
+    rows = []
+    for nb, kb in zip(n, k):
+        ts = [
+            grid[nb - j] + (grid[nb - j - 1] - grid[nb - j]) * q / SUBSTEPS
+            for j in range(kb)
+            for q in range(SUBSTEPS)
+        ]
+        rows.append(ts + [grid[nb - kb]] * ((max_jump - kb) * SUBSTEPS + 1))
+    x_r = np_solve(x_t, np.asarray(rows))
+    want = np.mean(np.mean((x_t - x_r) ** 2, axis=1))
+    np.testing.assert_allclose(float(loss), want, rtol=1e-4)
+
+
+def test_pairs_step_into_the_data_with_euler(ideal):
+    pairs = teacher_pairs.generate_pairs(
+        ideal, jax.random.PRNGKey(3), 8, batch_size=8, method="heun", num_steps=4
+    )
+    rows = np.tile(np.linspace(1.0, 0.0, 5), (8, 1))
+    want = np_solve(pairs["noise"], rows)
+    np.testing.assert_allclose(pairs["x"], want, rtol=1e-4, atol=1e-4)
+    old = teacher_pairs.generate_pairs(
+        ideal, jax.random.PRNGKey(3), 8, batch_size=8, method="heun", num_steps=4, euler_into_data=False
+    )
+    assert np.abs(old["x"] - want).max() > 1e-2

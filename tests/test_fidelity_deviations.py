@@ -174,3 +174,92 @@ def test_pairs_step_into_the_data_with_euler(ideal):
         ideal, jax.random.PRNGKey(3), 8, batch_size=8, method="heun", num_steps=4, euler_into_data=False
     )
     assert np.abs(old["x"] - want).max() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. CTM's jump sampler
+# ---------------------------------------------------------------------------------------------
+
+
+def np_joint(sampler, N=8, K=8):
+    """P(n, k) (N + 1, K + 1) of the two samplers with p(k) ∝ k, from their definitions."""
+    P = np.zeros((N + 1, K + 1))
+    for n in range(1, N + 1):
+        for k in range(1, min(n, K) + 1):
+            if sampler == "ctm":  # k ∝ k on {1..K}, then n ~ U{k..N}
+                P[n, k] = (k / (K * (K + 1) / 2)) / (N - k + 1)
+            else:  # n ~ U{1..N}, then k ∝ k on {1..min(n, K)}
+                P[n, k] = (1 / N) * k / (min(n, K) * (min(n, K) + 1) / 2)
+    return P
+
+
+@pytest.fixture(scope="module")
+def draws():
+    from fewstep_jax.losses.trajectory.grid import sample_grid_times
+
+    grid = jnp.linspace(0.0, 1.0, 9)
+    keys = jax.random.split(jax.random.PRNGKey(0), 40_000)
+    out = {}
+    for sampler in ("ctm", "start_first"):
+        f = jax.jit(jax.vmap(lambda k, smp=sampler: sample_grid_times(k, grid, 8, 8, "linear", smp)))
+        ts = f(keys)  # (batches, 8) each
+        out[sampler] = tuple(np.asarray(v) for v in (ts.n, ts.k, ts.m))
+    return out
+
+
+def test_ctm_sampler_draws_one_jump_per_batch_then_the_start(draws):
+    n, k, m = draws["ctm"]
+    assert np.all(k == k[:, :1])  # one k per batch (sony/ctm's get_num_heun_step)
+    assert np.all((k >= 1) & (k <= n) & (n <= 8)) and np.all((m >= 0) & (m <= n - k))
+    # p(k) = k / 36 over batches
+    np.testing.assert_allclose(
+        np.bincount(k[:, 0], minlength=9)[1:] / len(k), np.arange(1, 9) / 36, atol=0.008
+    )
+    # the joint of (start, jump) against the closed form
+    emp = np.zeros((9, 9))
+    np.add.at(emp, (n.ravel(), k.ravel()), 1.0)
+    np.testing.assert_allclose(emp / n.size, np_joint("ctm"), atol=0.004)
+    # m ~ U{0..n-k}
+    sel = m[(n - k) == 3]
+    np.testing.assert_allclose(np.bincount(sel, minlength=4) / sel.size, 0.25, atol=0.01)
+
+
+def test_the_two_samplers_mean_jump_and_full_jump():
+    ks = np.arange(9)
+    for sampler, mean_k, full in (("ctm", 17 / 3, 8 / 36), ("start_first", 10 / 3, 1 / 36)):
+        P = np_joint(sampler)
+        np.testing.assert_allclose(P.sum(), 1.0, rtol=1e-12)
+        np.testing.assert_allclose((P.sum(0) * ks).sum(), mean_k, rtol=1e-12)
+        np.testing.assert_allclose(P[:, 8].sum(), full, rtol=1e-12)
+
+
+def test_start_first_variant_is_kept(draws):
+    n, k, _ = draws["start_first"]
+    emp = np.zeros((9, 9))
+    np.add.at(emp, (n.ravel(), k.ravel()), 1.0)
+    np.testing.assert_allclose(emp / n.size, np_joint("start_first"), atol=0.003)
+    assert abs(k.mean() - 10 / 3) < 0.02 and abs(draws["ctm"][1].mean() - 17 / 3) < 0.05
+    assert abs((k == 8).mean() - 1 / 36) < 0.003 and abs((draws["ctm"][1] == 8).mean() - 8 / 36) < 0.01
+
+
+@pytest.mark.parametrize(
+    ("term", "cfg", "want"),
+    [("ctm", {}, "ctm"), ("traflow", {}, "start_first"), ("traflow", {"jump_sampler": "ctm"}, "ctm")],
+)
+def test_terms_pass_their_sampler(monkeypatch, ideal, term, cfg, want):
+    seen = []
+    real = traflow_module.sample_grid_times
+    monkeypatch.setattr(traflow_module, "sample_grid_times", lambda *a: seen.append(a[5]) or real(*a))
+    opts = ml_collections.ConfigDict({"num_grid": 4, "max_jump": 4, "target": "online", **cfg})
+    fn = get_factory(term)(opts, STILL)
+    fn({}, _inputs(ideal), {"x": jnp.zeros((4, 3))}, jax.random.PRNGKey(0))
+    assert seen == [want]
+
+
+def test_ctm_recipe_uses_ctms_sampler():
+    from fewstep_jax.recipes import distill_config
+
+    assert distill_config("gmm8", "ctm", 2).losses.ctm.jump_sampler == "ctm"
+    # TraFlow keeps the start-first sampler (measured: fewstep_jax/recipes/trajectory.py), CTM's as a variant
+    assert distill_config("gmm8", "traflow", 2).losses.traflow.jump_sampler == "start_first"
+    assert distill_config("gmm8", "traflow_ctm_sampler", 2).losses.traflow.jump_sampler == "ctm"

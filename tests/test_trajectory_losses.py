@@ -94,8 +94,9 @@ def test_grid_times_order_and_weighting():
     edm = tr.time_grid("edm", 18, PATH)
     assert edm[0] == 0.0 and edm[-1] == 1.0 and np.all(np.diff(edm) > 0)
 
-    sample = jax.jit(tr.sample_grid_times, static_argnums=(2, 3, 4))
-    ts = sample(jax.random.PRNGKey(0), grid, 200_000, 4, "linear")
+    # the start-first variant (CTM's own sampler: tests/test_fidelity_deviations.py)
+    sample = jax.jit(tr.sample_grid_times, static_argnums=(2, 3, 4, 5))
+    ts = sample(jax.random.PRNGKey(0), grid, 200_000, 4, "linear", "start_first")
     n, k, m = (np.asarray(v) for v in (ts.n, ts.k, ts.m))
     t, r, s = (np.asarray(v) for v in (ts.t, ts.r, ts.s))
     assert np.all(s <= r) and np.all(r < t)
@@ -112,7 +113,7 @@ def test_grid_times_order_and_weighting():
     sel = m[(n - k) == 3]
     np.testing.assert_allclose(np.bincount(sel, minlength=4) / len(sel), 0.25, atol=0.015)
 
-    ts_u = tr.sample_grid_times(jax.random.PRNGKey(1), grid, 100_000, 4, "uniform")
+    ts_u = tr.sample_grid_times(jax.random.PRNGKey(1), grid, 100_000, 4, "uniform", "start_first")
     sel = np.asarray(ts_u.k)[np.asarray(ts_u.n) == 6]
     np.testing.assert_allclose(np.bincount(sel, minlength=5)[1:] / len(sel), 0.25, atol=0.015)
 
@@ -120,7 +121,7 @@ def test_grid_times_order_and_weighting():
 def test_teacher_jump_matches_grid_solve(method="heun", substeps=2):
     teacher = gaussian_teacher()
     grid = tr.time_grid("edm", 8, PATH)
-    ts = tr.sample_grid_times(jax.random.PRNGKey(3), grid, 6, 5)
+    ts = tr.sample_grid_times(jax.random.PRNGKey(3), grid, 6, 5, "linear", "start_first")  # k per sample
     x_t = PATH.interpolate(_batch(6)["x"], jax.random.normal(jax.random.PRNGKey(4), (6, 2)), ts.t)
     got = np.asarray(tr.teacher_jump(teacher, x_t, grid, ts.n, ts.k, 5, method, substeps))
     assert len(set(np.asarray(ts.k).tolist())) > 1  # jumps of different lengths in one batch

@@ -43,7 +43,7 @@ def cd(cfg, student: Student):
         teacher = need_teacher(inputs, "cd")
         k_noise, k_time, k_drop = jax.random.split(rng, 3)
         x0, eps, label = data(batch, k_noise, path, "cd")
-        ts = sample_grid_times(k_time, grid, x0.shape[0], 1)
+        ts = sample_grid_times(k_time, grid, x0.shape[0], 1, "linear", "start_first")  # n ~ U{1..N}, k = 1
         x_t = path.interpolate(x0, eps, ts.t)
         x_r = teacher_jump(
             teacher,

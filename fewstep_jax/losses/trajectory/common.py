@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from fewstep_jax.losses import distances
 from fewstep_jax.losses.api import LossInputs
-from fewstep_jax.losses.trajectory.grid import JUMP_SOLVERS, JUMP_WEIGHTINGS
+from fewstep_jax.losses.trajectory.grid import JUMP_SAMPLERS, JUMP_SOLVERS, JUMP_WEIGHTINGS
 from fewstep_jax.paths import Path, bcast
 from fewstep_jax.students import Student
 from fewstep_jax.teachers.base import Teacher
@@ -31,13 +31,21 @@ CHOICES = {
     "distance": TRAJECTORY_DISTANCES,
     "solver": JUMP_SOLVERS,
     "jump_weighting": JUMP_WEIGHTINGS,
+    "jump_sampler": JUMP_SAMPLERS,
     "target": TARGETS,
     "bootstrap_target": TARGETS,
     "euler_into_data": ("auto", True, False),
 }
 
-# time-grid options shared by the grid-based terms (CTM defaults for CIFAR-10: N = 18, K = 17)
-GRID = {"grid": "uniform", "num_grid": 18, "max_jump": 17, "jump_weighting": "linear"}
+# time-grid options shared by the grid-based terms (CTM defaults for CIFAR-10: N = 18, K = 17);
+# jump_sampler: TraFlow's start-first (measured, docs/methods.md §2.3); the ctm term defaults to CTM's
+GRID = {
+    "grid": "uniform",
+    "num_grid": 18,
+    "max_jump": 17,
+    "jump_weighting": "linear",
+    "jump_sampler": "start_first",
+}
 # euler_into_data: "auto" = the teacher's rule (Teacher.euler_into_data), as the evaluation's solvers
 SOLVE = {"solver": "heun", "substeps": 1, "guidance": 1.0, "euler_into_data": "auto"}
 DIST = {"distance": "l2", "huber_c": 0.0}

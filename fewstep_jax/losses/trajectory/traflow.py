@@ -93,7 +93,7 @@ def _traflow_core(opts: dict, student: Student, name: str):
         k_noise, k_time, k_drop = jax.random.split(rng, 3)
         x0, eps, label = data(batch, k_noise, path, name)
         B = x0.shape[0]
-        ts = sample_grid_times(k_time, grid, B, K, opts["jump_weighting"])
+        ts = sample_grid_times(k_time, grid, B, K, opts["jump_weighting"], opts["jump_sampler"])
         x_t = path.interpolate(x0, eps, ts.t)
         kw = {"label": label, "rng": k_drop, "train": True}
         x_r = None
@@ -151,9 +151,10 @@ def _traflow_core(opts: dict, student: Student, name: str):
     return term
 
 
-def traflow_factory(name: str, fixed: Mapping[str, Any]):
-    """A factory of the TraFlow core with the options ``fixed`` set (not configurable)."""
-    defaults = {k: v for k, v in TRAFLOW_DEFAULTS.items() if k not in fixed}
+def traflow_factory(name: str, fixed: Mapping[str, Any], defaults: Mapping[str, Any] | None = None):
+    """A factory of the TraFlow core with the options ``fixed`` set (not configurable) and
+    ``defaults`` overriding TraFlow's (configurable)."""
+    defaults = {k: v for k, v in {**TRAFLOW_DEFAULTS, **(defaults or {})}.items() if k not in fixed}
 
     def factory(cfg, student: Student):
         return _traflow_core({**read_options(cfg, defaults, name, CHOICES), **fixed}, student, name)

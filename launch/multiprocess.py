@@ -88,8 +88,7 @@ def run(
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]
             if failed:
-                print(f"multiprocess: a process exited with {failed[0]}; killing the others",
-                      file=sys.stderr)
+                print(f"multiprocess: a process exited with {failed[0]}; killing the others", file=sys.stderr)
                 return failed[0]
             if all(c == 0 for c in codes):
                 return 0
@@ -106,8 +105,12 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_processes", type=int, required=True)
-    parser.add_argument("--devices_per_process", type=int, default=None,
-                        help="simulated CPU devices per process (sets XLA_FLAGS)")
+    parser.add_argument(
+        "--devices_per_process",
+        type=int,
+        default=None,
+        help="simulated CPU devices per process (sets XLA_FLAGS)",
+    )
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: free)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds; then kill all")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command ...")

@@ -31,7 +31,7 @@ def test_device_kind_maps_to_its_peak(kind, name):
 
 
 def test_bad_inputs_fail_before_any_work(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no_such.npz"):
+    with pytest.raises(FileNotFoundError, match=r"no_such\.npz"):
         accelerator.run(str(tmp_path / "no_such.npz"), str(tmp_path / "out"), "tiny")
     with pytest.raises(ValueError, match="--budget='huge'"):
         accelerator.run(str(tmp_path / "x.npz"), str(tmp_path / "out"), "huge")

@@ -16,14 +16,17 @@ import numpy as np
 import pytest
 
 from fewstep_jax import solvers
-from fewstep_jax.losses.api import LossInputs, get_factory
+from fewstep_jax.losses.api import LossInputs, get_factory, register
 from fewstep_jax.losses.trajectory import cd as cd_module
 from fewstep_jax.losses.trajectory import traflow as traflow_module
 from fewstep_jax.losses.trajectory.grid import GridTimes, teacher_jump
 from fewstep_jax.paths import get_path
+from fewstep_jax.recipes import base
 from fewstep_jax.students import Student
 from fewstep_jax.teachers import pairs as teacher_pairs
 from fewstep_jax.teachers.analytic import gaussian_mixture_teacher, gmm_params, ideal_denoiser_teacher
+from fewstep_jax.train.state import create_state
+from fewstep_jax.train.step import make_step_fn
 
 # ---------------------------------------------------------------------------------------------
 # 1. the last stage into the data
@@ -263,3 +266,102 @@ def test_ctm_recipe_uses_ctms_sampler():
     # TraFlow keeps the start-first sampler (measured: fewstep_jax/recipes/trajectory.py), CTM's as a variant
     assert distill_config("gmm8", "traflow", 2).losses.traflow.jump_sampler == "start_first"
     assert distill_config("gmm8", "traflow_ctm_sampler", 2).losses.traflow.jump_sampler == "ctm"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. DMD / DMD2's training setup
+# ---------------------------------------------------------------------------------------------
+
+
+@register("fid_test_main")
+def _main_pulled_to_aux(cfg, student):
+    """Main net a: (a - b)^2 with b the aux net's current params as the step gives them."""
+    return lambda p, inputs, batch, rng: ((p["a"] - inputs.others["fake"]["b"]) ** 2, {})
+
+
+@register("fid_test_aux")
+def _aux_pulled_to_main(cfg, student):
+    """Aux net b: (b - a)^2 with a the main net's params as the step gives them."""
+    return lambda p, inputs, batch, rng: ((p["b"] - inputs.others["student"]["a"]) ** 2, {})
+
+
+def _order_config(order):
+    c = base.get_config()
+    c.optim.warmup_steps, c.optim.lr, c.optim.schedule = 0, 1e-3, "constant"
+    c.losses.fid_test_main = {"weight": 1.0}
+    c.aux_nets.fake = {"losses": {"fid_test_aux": {"weight": 1.0}}, "optim": {"lr": 1e-3}, "order": order}
+    return c
+
+
+def np_adam_first(p, g, lr=1e-3, eps=1e-8):
+    """Adam's first update (bias-corrected m = g, v = g^2)."""
+    return p - lr * g / (abs(g) + eps)
+
+
+@pytest.mark.parametrize("order", ["first", "after_main"])
+def test_update_order_of_the_aux_network(order):
+    a0, b0 = 0.0, 5e-4
+    c = _order_config(order)
+    init_a = lambda key: {"a": jnp.asarray(a0, jnp.float32)}
+    init_b = lambda key: {"b": jnp.asarray(b0, jnp.float32)}
+    state = create_state(c, init_a, {"fake": init_b})
+    state, _ = jax.jit(make_step_fn(c, STILL, {"fake": STILL}))(state, None, {"x": jnp.zeros((2, 3))})
+    # the aux always trains on the main network's params of the start of the step (the
+    # generator's pre-update samples): b1 = adam(b0, 2 (b0 - a0))
+    b1 = np_adam_first(b0, 2 * (b0 - a0))
+    # "first" (TDM): the main network reads the updated aux; "after_main" (DMD2): the pre-update one
+    a1 = np_adam_first(a0, 2 * (a0 - (b1 if order == "first" else b0)))
+    np.testing.assert_allclose(float(state.aux["fake"]["params"]["b"]), b1, atol=1e-7)
+    np.testing.assert_allclose(float(state.params["a"]), a1, atol=1e-7)
+    assert np.sign(a1) == (-1 if order == "first" else 1)  # the two orders move a opposite ways here
+
+
+def test_unknown_update_order_is_an_error():
+    with pytest.raises(ValueError, match="order"):
+        make_step_fn(_order_config("sideways"), STILL, {"fake": STILL})
+
+
+def np_dmd2_karras_t(path_name, T=1000, smin=0.002, smax=80.0, rho=7.0):
+    """DMD2's karras_sigmas (get_sigmas_karras, flipped: index 0 = sigma_min) as times of the path."""
+    ramp = np.linspace(0, 1, T)
+    sig = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    sig = sig[::-1]
+    assert path_name == "rf"
+    return sig / (1 + sig)  # rf: sigma_edm = t / (1 - t)
+
+
+@pytest.mark.parametrize(("term", "lo", "hi"), [("dmd", 20, 980), ("dmd_fake", 0, 999)])
+def test_dmd2_noise_levels_uniform_over_karras_indices(term, lo, hi):
+    from fewstep_jax.losses.distribution_matching import dmd as dmd_module
+    from fewstep_jax.recipes import distill_config
+
+    c = distill_config("gmm8", "dmd2", 10)
+    block = c.losses.dmd if term == "dmd" else c.aux_nets.fake.losses.dmd_fake
+    defaults = dmd_module.DMD_DEFAULTS if term == "dmd" else dmd_module.DMD_FAKE_DEFAULTS
+    opts = {**defaults, **{k: v for k, v in block.items() if k != "weight"}}
+    assert opts["time_sampler"] == "karras"
+    draw = dmd_module._time_sampler(get_path("rf"), opts, term)
+    t = np.asarray(jax.jit(draw, static_argnums=1)(jax.random.PRNGKey(0), 200_000), np.float64)
+    want_t = np_dmd2_karras_t("rf")  # ascending
+    j = np.clip(np.searchsorted(want_t, t), 1, len(want_t) - 1)
+    idx = np.where(np.abs(want_t[j - 1] - t) < np.abs(want_t[j] - t), j - 1, j)  # the nearest grid point
+    np.testing.assert_allclose(t, want_t[idx], rtol=2e-5, atol=1e-6)  # every draw is a grid point
+    assert idx.min() == lo and idx.max() == hi
+    counts = np.bincount(idx - lo, minlength=hi - lo + 1)
+    np.testing.assert_allclose(counts / counts.sum(), 1 / (hi - lo + 1), rtol=0.3)  # uniform over indices
+
+
+def test_dmd_recipes_use_dmd2s_optimiser_and_tdm_keeps_its_own():
+    from fewstep_jax.recipes import distill_config
+
+    for name in ("dmd", "dmd2"):
+        c = distill_config("gmm8", name, 10)
+        assert (c.optim.name, c.optim.b1, c.optim.b2, c.optim.weight_decay) == ("adamw", 0.9, 0.999, 0.01)
+        f = c.aux_nets.fake
+        assert (f.optim.lr, f.optim.b1, f.optim.b2) == (c.optim.lr, 0.9, 0.999) and f.order == "after_main"
+    assert distill_config("gmm8", "dmd2", 10).train.main_every == 5
+    for name in ("tdm", "dmd2_tdm_setup"):  # TDM keeps TDM's setup; DMD2 with it is a labelled variant
+        t = distill_config("gmm8", name, 10)
+        assert (t.optim.name, t.optim.b1, t.optim.b2) == ("adam", 0.0, 0.95)
+        assert t.aux_nets.fake.optim.lr == 5 * t.optim.lr and t.aux_nets.fake.order == "first"
+    assert distill_config("gmm8", "dmd2_tdm_setup", 10).losses.dmd.to_dict() == {"weight": 1.0}

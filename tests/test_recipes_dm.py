@@ -37,8 +37,12 @@ def test_recipe_configs_resolve_into_terms(recipe):
     c = distill_config("gmm8", recipe, 1000)
     assert c.method == recipe and c.student.data == "noise" and c.student.form == "semilinear"
     fake = c.aux_nets.fake
-    assert fake.optim.lr == pytest.approx(5 * c.optim.lr)
-    assert (fake.optim.b1, fake.optim.b2) == (0.0, 0.95) == (c.optim.b1, c.optim.b2)
+    if recipe.startswith("dmd"):  # DMD2's setup: AdamW (0.9, 0.999), equal lrs, generator first
+        assert fake.optim.lr == pytest.approx(c.optim.lr) and fake.order == "after_main"
+        assert (fake.optim.b1, fake.optim.b2) == (0.9, 0.999) == (c.optim.b1, c.optim.b2)
+    else:  # TDM's demo: betas (0, 0.95), fake lr 5x, the fake first
+        assert fake.optim.lr == pytest.approx(5 * c.optim.lr) and fake.order == "first"
+        assert (fake.optim.b1, fake.optim.b2) == (0.0, 0.95) == (c.optim.b1, c.optim.b2)
     assert fake.init_from_teacher and not fake.model.use_s and not c.model.use_s
     assert c.train.main_start == 100  # analytic teacher: 10% fake-only warm-up
     assert c.train.main_every == (5 if recipe == "dmd2" else 1)

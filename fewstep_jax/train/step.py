@@ -1,4 +1,4 @@
-"""The jitted train step: aux networks update first, then the main network, all in one program.
+"""The jitted train step: aux networks and the main network update in one program.
 
 ``train_step(state, teacher, batch) -> (state, metrics)`` is pure. The teacher is an argument
 (a pytree whose params are leaves), so its weights are never compiled in nor checkpointed.
@@ -12,6 +12,16 @@ Metrics (float32 scalars): ``loss`` (weighted total of the main net), ``loss/<te
 term's loss or gradient is not finite), ``grad_norm``, ``skipped``; aux nets prefix with
 ``<name>/``. ``train.main_every`` (TTUR) and ``train.main_start`` (aux-only warm-up: the main
 network is not updated before that step) gate the main network's update.
+
+Update order, per aux network (``config.aux_nets.<name>.order``):
+
+* ``"first"`` (default; TDM's demo): the aux network updates before the main network, which then
+  reads the aux's *updated* params;
+* ``"after_main"`` (DMD2's ``train_edm.py``): the main network updates first, reading the aux's
+  pre-update params, and the aux trains on the main network's pre-update params (the generator's
+  samples of this step, before its update).
+
+Either way an aux network reads the main network's params of the start of the step.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from fewstep_jax.train.state import TrainState, make_optimizers
 
 Array = jax.Array
 MAIN = "student"  # the main network's name in LossInputs.others
+AUX_ORDERS = ("first", "after_main")
 
 
 class Term(NamedTuple):
@@ -118,6 +129,10 @@ def make_step_fn(
         n: build_terms(config.aux_nets[n].losses, nets[n], f"config.aux_nets.{n}.losses") for n in nets
     }
     aux_order = sorted(nets)
+    order = {n: config.aux_nets[n].get("order", "first") for n in aux_order}
+    for n, o in order.items():
+        if o not in AUX_ORDERS:
+            raise ValueError(f"config.aux_nets.{n}.order={o!r}; expected one of {AUX_ORDERS}")
     static_nets = (*((n, nets[n]) for n in aux_order), (MAIN, student))
     ema_decay = {"eval": float(config.ema.decay), "target": float(config.ema.target_decay)}
     # only the evaluated average ramps up: the target EMA is part of a consistency loss
@@ -153,7 +168,8 @@ def make_step_fn(
             do = due & ok if skip else due
             aux[name] = _select(do, new, entry)
             all_ok.append(ok)
-        others = {n: aux[n]["params"] for n in aux_order}
+        # the main network reads an "after_main" aux network's params of the start of the step
+        others = {n: (aux if order[n] == "first" else state.aux)[n]["params"] for n in aux_order}
         inputs = LossInputs(teacher, student, sg(state.ema), sg(others), state.step, static_nets)
         grads, m, ok = _loss_and_grads(main_terms, state.params, inputs, batch, keys, "")
         metrics.update(m)
@@ -218,6 +234,7 @@ def make_train_step(
 
 
 __all__ = [
+    "AUX_ORDERS",
     "MAIN",
     "Term",
     "build_terms",

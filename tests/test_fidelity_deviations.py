@@ -365,3 +365,38 @@ def test_dmd_recipes_use_dmd2s_optimiser_and_tdm_keeps_its_own():
         assert (t.optim.name, t.optim.b1, t.optim.b2) == ("adam", 0.0, 0.95)
         assert t.aux_nets.fake.optim.lr == 5 * t.optim.lr and t.aux_nets.fake.order == "first"
     assert distill_config("gmm8", "dmd2_tdm_setup", 10).losses.dmd.to_dict() == {"weight": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. MeanFlow's adaptive weight
+# ---------------------------------------------------------------------------------------------
+
+LINEAR = Student(apply=lambda p, x, t, s, *a: p["w"] * x, path=get_path("rf"), form="euler", uses_s=True)
+
+
+@pytest.mark.parametrize(("p", "c"), [(1.0, 1e-3), (0.75, 0.05), (0.0, 1e-3)])
+def test_meanflow_adaptive_weight_sums_the_error_over_dimensions(monkeypatch, p, c):
+    from fewstep_jax.losses.trajectory import meanflow as meanflow_module
+
+    seen = {}
+
+    def target(student, params, x, t, s, v, label=None):  # a fixed target: 0.3 x_t
+        seen["x"] = np.asarray(x, np.float64)
+        return 0.3 * x
+
+    monkeypatch.setattr(meanflow_module, "meanflow_target", target)
+    cfg = ml_collections.ConfigDict({"velocity": "conditional", "adaptive_p": p, "adaptive_c": c})
+    fn = get_factory("meanflow")(cfg, LINEAR)
+    x0 = jnp.asarray(RNG.standard_normal((16, 6)), jnp.float32)
+    w = 0.8
+    loss_fn = lambda q: fn(q, _inputs(None), {"x": x0}, jax.random.PRNGKey(2))[0]
+    loss, grad = jax.value_and_grad(loss_fn)({"w": jnp.asarray(w, jnp.float32)})
+    # numpy from MeanFlow's equations: e = g - sg(target), err_sum = sum_D e^2, weight sg(1/(err_sum + c)^p),
+    # loss = mean_b[mean_D(e^2) * weight] (MeanFlow's err_sum / sg((err_sum + c)^p) divided by D)
+    x = seen["x"]
+    e = (w - 0.3) * x
+    err_sum = (e**2).sum(1)
+    weight = 1.0 / (err_sum + c) ** p
+    np.testing.assert_allclose(float(loss), np.mean(e**2, axis=1) @ weight / len(x), rtol=1e-5)
+    dw = np.mean(weight * np.mean(2 * e * x, axis=1))  # the weight under stop-gradient
+    np.testing.assert_allclose(float(grad["w"]), dw, rtol=1e-5)

@@ -2,10 +2,17 @@
 
 ``|g(x_t, t, s) - meanflow_target|^2`` with ``v`` the teacher velocity (``velocity='teacher'``) or
 the conditional one ``alpha' x + sigma' eps`` (``'conditional'``); a fraction ``equal_fraction`` of
-rows has ``s = t``; optional adaptive weight ``sg(1 / (err + c)^p)``.
+rows has ``s = t``; optional adaptive weight ``sg(1 / (err_sum + c)^p)`` with ``err_sum`` the
+per-sample squared error **summed** over dimensions, as MeanFlow and NVlabs/FastGen
+(``adaptive_p``, ``adaptive_c``). The loss is ``mean_b[ err_mean * sg(1 / (err_sum + c)^p) ]``
+(``err_mean = err_sum / D``, the project's L2 convention, docs/methods.md §1.3): MeanFlow's
+``err_sum / sg((err_sum + c)^p)`` divided by the constant D, and the plain mean-over-dims MSE at
+``p = 0``. (Until issue 16 the weight used ``err_mean``: with ``c`` fixed, a different weighting.)
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -67,9 +74,11 @@ def meanflow(cfg, student: Student):
             v = path.from_x0_eps("flow", x0, eps, t)
         target = meanflow_target(student, params, x_t, t, s, v, label)
         g = student.velocity(params, x_t, t, s, label=label, rng=k_drop, train=True)
-        err = mse(g, target)
+        err = mse(g, target)  # (B,) mean over dims
         if opts["adaptive_p"]:
-            err = err * sg(1.0 / (err + opts["adaptive_c"]) ** opts["adaptive_p"])
+            # MeanFlow's weight reads the per-sample error summed over dimensions
+            err_sum = err * math.prod(g.shape[1:])
+            err = err * sg(1.0 / (err_sum + opts["adaptive_c"]) ** opts["adaptive_p"])
         loss = mean(err)
         metrics = {"meanflow/loss": loss}
         if opts["velocity"] == "teacher":

@@ -29,6 +29,15 @@ recipes (TraFlow and CTM get the same ones, so the comparison is fair), and why:
   instantaneous velocity, i.e. the 1-NFE map towards one Euler step (the data mean); on a curved
   teacher it costs 1-NFE quality in proportion to its weight (ablation rows vel0 / 0.1 / 1).
 
+Deliberate variants of the baselines' papers (docs/methods.md §5), kept and labelled:
+
+* CD [deliberate variant]: an Euler-form student read at ``s = 0``, ``G(x, t, 0) = x - t g``, whose
+  boundary ``G(x, 0, 0) = x`` is exact by construction, instead of CM's EDM ``c_skip / c_out``
+  parameterisation with ``t_min = 0.002``.
+* L2 where the papers use LPIPS [deliberate variant]: CD, CTM and one-step reflow distillation
+  (``reflow_distill``) train with the squared distance (LPIPS is not shipped; docs/methods.md §1.3).
+* CTM has no GAN term and no DSM term by default (``lam_dsm = 0``).
+
 Reflow (docs/methods.md §5.1) trains on teacher (noise, sample) pairs (``student.data = "pairs"``: generated
 once into ``<workdir>/pairs.npz`` by the distill loop and reused on resume):
 

@@ -106,6 +106,13 @@ REF_PATHS = {
 def to_x0_eps(path: RefPath, pred, kind: str, x, t, xp=np):
     """``(x0, eps)`` implied by a prediction of ``kind`` at ``(x, t)`` (the definitions of §1.1)."""
     a, s = (col(v, xp) for v in path.alpha_sigma(t, xp))
+    if xp is np:  # the unused half of the pair may divide by a vanishing alpha or sigma
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return _to_x0_eps(path, pred, kind, x, t, a, s, xp)
+    return _to_x0_eps(path, pred, kind, x, t, a, s, xp)
+
+
+def _to_x0_eps(path, pred, kind, x, t, a, s, xp):
     if kind == "x0":
         return pred, (x - a * pred) / s
     if kind == "eps":

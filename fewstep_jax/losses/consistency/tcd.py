@@ -55,6 +55,11 @@ def tcf(student: Student, params, x: Array, t: Array, s: Array, order: int = 1, 
     q = jnp.clip((sg_s * a_t) / jnp.maximum(a_s * sg_t, 1e-12), 1e-12, 1.0)
     logsnr_u = path.logsnr(t) - 2.0 * r * jnp.log(q)
     u = jnp.clip(path.t_from_logsnr(logsnr_u), s, t)
+    # s at the data (sigma_s = 0, h = inf): lambda_u = +inf, so u = s exactly; the floor alone would
+    # leave u at lambda_t + 27.6 r, far from the data for small r (r = 0.1 at t = 0.5 on rf: u = 0.06)
+    u = jnp.where((sg_s == 0.0) & (a_t > 0.0), s, u)
+    if r == 1.0:  # lambda_u = lambda_t + h = lambda_s: u = s, also from pure noise (lambda_t = -inf)
+        u = s
     a_u, sg_u = path.alpha_sigma(u)
     _, eps_t = path.to_x0_eps(x0_t, "x0", x, t)
     x_u = bcast(a_u, x) * x0_t + bcast(sg_u, x) * eps_t

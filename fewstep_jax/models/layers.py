@@ -95,6 +95,29 @@ class Attention(nn.Module):
         return out + x
 
 
+class MidBlock2D(nn.Module):
+    """diffusers UNetMidBlock2D with one layer: resnet, attention (unless `add_attention` is off,
+    the VAE's `mid_block_add_attention=False`), resnet. temb=None: no time projection (the VAE)."""
+
+    channels: int
+    head_dim: int
+    groups: int
+    eps: float
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    add_attention: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, temb: Array | None, train: bool) -> Array:
+        res = lambda i: ResnetBlock2D(
+            self.channels, self.groups, self.eps, self.dropout, self.dtype, name=f"resnets_{i}"
+        )
+        x = res(0)(x, temb, train)
+        if self.add_attention:
+            x = Attention(self.head_dim, self.groups, self.eps, self.dtype, name="attentions_0")(x)
+        return res(1)(x, temb, train)
+
+
 class DownsampleConv(nn.Module):
     """diffusers Downsample2D(use_conv=True): 3x3 conv, stride 2, padding 1; padding=0 is the
     VAE encoder's (it pads right and bottom by one before the unpadded conv)."""

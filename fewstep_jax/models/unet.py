@@ -38,7 +38,15 @@ import ml_collections
 import numpy as np
 
 from fewstep_jax.models.embeddings import Dtype, compute_dtype, conditioning_embedding
-from fewstep_jax.models.layers import Attention, DownsampleConv, ResnetBlock2D, UpsampleConv, conv, group_norm
+from fewstep_jax.models.layers import (
+    Attention,
+    DownsampleConv,
+    MidBlock2D,
+    ResnetBlock2D,
+    UpsampleConv,
+    conv,
+    group_norm,
+)
 from fewstep_jax.models.state_dict import params_to_torch, torch_key
 
 Array = jax.Array
@@ -165,26 +173,6 @@ class UpBlock(nn.Module):
         return x
 
 
-class MidBlock(nn.Module):
-    """UNetMidBlock2D with one layer: resnet, attention, resnet."""
-
-    channels: int
-    head_dim: int
-    groups: int
-    eps: float
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, temb: Array, train: bool) -> Array:
-        res = lambda i: ResnetBlock2D(
-            self.channels, self.groups, self.eps, self.dropout, self.dtype, name=f"resnets_{i}"
-        )
-        x = res(0)(x, temb, train)
-        x = Attention(self.head_dim, self.groups, self.eps, self.dtype, name="attentions_0")(x)
-        return res(1)(x, temb, train)
-
-
 class UNet2D(nn.Module):
     """diffusers-compatible UNet, NHWC (B, H, W, in_channels) -> (B, H, W, out_channels).
 
@@ -273,9 +261,10 @@ class UNet2D(nn.Module):
             )(h, temb, train)
             skips.extend(block_skips)
 
-        h = MidBlock(chans[-1], self.attention_head_dim, groups, eps, self.dropout, dtype, name="mid_block")(
-            h, temb, train
+        mid = MidBlock2D(
+            chans[-1], self.attention_head_dim, groups, eps, self.dropout, dtype, name="mid_block"
         )
+        h = mid(h, temb, train)
 
         rev = chans[::-1]
         n_up = self.layers_per_block + 1

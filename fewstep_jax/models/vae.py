@@ -42,7 +42,14 @@ from flax import traverse_util
 from fewstep_jax.errors import UserError
 from fewstep_jax.models.embeddings import Dtype, compute_dtype
 from fewstep_jax.models.hf_config import read_options
-from fewstep_jax.models.layers import Attention, DownsampleConv, ResnetBlock2D, UpsampleConv, conv, group_norm
+from fewstep_jax.models.layers import (
+    DownsampleConv,
+    MidBlock2D,
+    ResnetBlock2D,
+    UpsampleConv,
+    conv,
+    group_norm,
+)
 from fewstep_jax.models.state_dict import params_from_torch, params_to_torch
 from fewstep_jax.pipelines.weights import load_component_weights, read_json, weights_file
 
@@ -75,23 +82,17 @@ VAE_DEFAULTS: dict[str, Any] = {
 VAE_FIXED = {"act_fn": "silu"}
 
 
-class MidBlock(nn.Module):
-    """UNetMidBlock2D(num_layers=1, temb=None): resnet, optional single-head attention, resnet."""
-
-    channels: int
-    groups: int
-    add_attention: bool
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        res = lambda i: ResnetBlock2D(
-            self.channels, self.groups, VAE_EPS, dtype=self.dtype, name=f"resnets_{i}"
-        )
-        x = res(0)(x, None, False)
-        if self.add_attention:
-            x = Attention(self.channels, self.groups, VAE_EPS, self.dtype, name="attentions_0")(x)
-        return res(1)(x, None, False)
+def _mid_block(channels: int, parent: Any) -> MidBlock2D:
+    """The VAE's UNetMidBlock2D: no time embedding, single-head attention (head_dim = channels)."""
+    return MidBlock2D(
+        channels,
+        channels,
+        parent.groups,
+        VAE_EPS,
+        dtype=parent.dtype,
+        add_attention=parent.mid_attention,
+        name="mid_block",
+    )
 
 
 class DownEncoderBlock(nn.Module):
@@ -152,7 +153,7 @@ class Encoder(nn.Module):
             h = DownEncoderBlock(
                 c, self.layers_per_block, self.groups, i < len(chans) - 1, self.dtype, name=f"down_blocks_{i}"
             )(h)
-        h = MidBlock(chans[-1], self.groups, self.mid_attention, self.dtype, name="mid_block")(h)
+        h = _mid_block(chans[-1], self)(h, None, False)
         h = nn.silu(group_norm(self.groups, VAE_EPS, self.dtype, "conv_norm_out")(h))
         return conv(2 * self.latent_channels, self.dtype, "conv_out")(h)
 
@@ -171,7 +172,7 @@ class Decoder(nn.Module):
     def __call__(self, z: Array) -> Array:
         rev = tuple(self.block_out_channels)[::-1]
         h = conv(rev[0], self.dtype, "conv_in")(z.astype(self.dtype))
-        h = MidBlock(rev[0], self.groups, self.mid_attention, self.dtype, name="mid_block")(h)
+        h = _mid_block(rev[0], self)(h, None, False)
         for i, c in enumerate(rev):
             h = UpDecoderBlock(
                 c, self.layers_per_block + 1, self.groups, i < len(rev) - 1, self.dtype, name=f"up_blocks_{i}"

@@ -57,6 +57,15 @@ class Teacher:
         :func:`fewstep_jax.solvers.singular_at_data` of its path and its own singularity."""
         return solvers.singular_at_data(self.path, self.singular_at_zero)
 
+    def euler_into_data_by(self, option: bool | str | None) -> bool:
+        """An ``euler_into_data`` option read against this teacher: ``None`` or ``"auto"`` is its
+        own rule (:attr:`euler_into_data`), a bool is taken as given."""
+        if option is None or isinstance(option, str):
+            if option not in (None, "auto"):
+                raise ValueError(f"euler_into_data must be 'auto', True or False, got {option!r}")
+            return self.euler_into_data
+        return bool(option)
+
     # ---- input checks (run on concrete arrays at the edges; no-ops under tracing) -------------
     def check_input(self, x: Array, t: Array | None = None) -> None:
         if tuple(x.shape[1:]) != tuple(self.data_shape):

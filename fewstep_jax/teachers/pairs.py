@@ -62,7 +62,7 @@ def generate_pairs(
     if grid == "auto":
         grid = solvers.default_grid(teacher.path.name)
     times = None if method == "adaptive" else solvers.make_grid(grid, num_steps, teacher.path)
-    into = teacher.euler_into_data if euler_into_data is None else bool(euler_into_data)
+    into = teacher.euler_into_data_by(euler_into_data)
 
     @jax.jit
     def solve(teacher: Teacher, z, lab):

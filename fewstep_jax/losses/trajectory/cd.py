@@ -22,6 +22,7 @@ from fewstep_jax.losses.trajectory.common import (
     mean,
     need_teacher,
     sg,
+    solve_options,
     target_params,
 )
 from fewstep_jax.losses.trajectory.grid import sample_grid_times, teacher_jump, time_grid
@@ -45,19 +46,7 @@ def cd(cfg, student: Student):
         x0, eps, label = data(batch, k_noise, path, "cd")
         ts = sample_grid_times(k_time, grid, x0.shape[0], 1, "linear", "start_first")  # n ~ U{1..N}, k = 1
         x_t = path.interpolate(x0, eps, ts.t)
-        x_r = teacher_jump(
-            teacher,
-            x_t,
-            grid,
-            ts.n,
-            ts.k,
-            1,
-            opts["solver"],
-            opts["substeps"],
-            label,
-            opts["guidance"],
-            opts["euler_into_data"],
-        )
+        x_r = teacher_jump(teacher, x_t, grid, ts.n, ts.k, 1, label=label, **solve_options(opts))
         zero = jnp.zeros_like(ts.t)
         est = student(params, x_t, ts.t, zero, label=label, rng=k_drop, train=True)
         tp = target_params(inputs, params, opts["target"], "cd")

@@ -48,6 +48,18 @@ GRID = {
 }
 # euler_into_data: "auto" = the teacher's rule (Teacher.euler_into_data), as the evaluation's solvers
 SOLVE = {"solver": "heun", "substeps": 1, "guidance": 1.0, "euler_into_data": "auto"}
+
+
+def solve_options(opts: dict) -> dict:
+    """A term's SOLVE options as the keyword arguments of ``grid.teacher_jump``."""
+    return {
+        "method": opts["solver"],
+        "substeps": opts["substeps"],
+        "guidance": opts["guidance"],
+        "euler_into_data": opts["euler_into_data"],
+    }
+
+
 DIST = {"distance": "l2", "huber_c": 0.0}
 
 

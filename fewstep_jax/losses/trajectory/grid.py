@@ -149,17 +149,8 @@ def teacher_jump(
     """
     times = jump_times(grid, n, k, max_jump, substeps)
     velocity = lambda xx, tt: teacher.velocity(xx, tt, label, guidance)
-    into = resolve_euler_into_data(euler_into_data, teacher)
+    into = teacher.euler_into_data_by(euler_into_data)
     return jax.lax.stop_gradient(solve_per_sample(velocity, x, times, method, into))
-
-
-def resolve_euler_into_data(option: bool | str, teacher: Teacher) -> bool:
-    """A term's ``euler_into_data`` option: ``"auto"`` is the teacher's own rule, else the bool."""
-    if isinstance(option, str):
-        if option != "auto":
-            raise ValueError(f"euler_into_data must be 'auto', True or False, got {option!r}")
-        return teacher.euler_into_data
-    return bool(option)
 
 
 __all__ = [
@@ -168,7 +159,6 @@ __all__ = [
     "JUMP_WEIGHTINGS",
     "GridTimes",
     "jump_times",
-    "resolve_euler_into_data",
     "sample_grid_times",
     "solve_per_sample",
     "teacher_jump",

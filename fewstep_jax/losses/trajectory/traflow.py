@@ -42,6 +42,7 @@ from fewstep_jax.losses.trajectory.common import (
     mse,
     need_teacher,
     sg,
+    solve_options,
     target_params,
 )
 from fewstep_jax.losses.trajectory.grid import sample_grid_times, teacher_jump, time_grid
@@ -98,19 +99,7 @@ def _traflow_core(opts: dict, student: Student, name: str):
         kw = {"label": label, "rng": k_drop, "train": True}
         x_r = None
         if need_xr:
-            x_r = teacher_jump(
-                teacher,
-                x_t,
-                grid,
-                ts.n,
-                ts.k,
-                K,
-                opts["solver"],
-                opts["substeps"],
-                label,
-                opts["guidance"],
-                opts["euler_into_data"],
-            )
+            x_r = teacher_jump(teacher, x_t, grid, ts.n, ts.k, K, label=label, **solve_options(opts))
         if need_r:
             G_tr, g_tr = flow(student, params, x_t, ts.t, ts.r, **kw)
         if need_s:

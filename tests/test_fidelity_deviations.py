@@ -273,13 +273,13 @@ def test_ctm_recipe_uses_ctms_sampler():
 # ---------------------------------------------------------------------------------------------
 
 
-@register("fid_test_main")
+@register("test_fid_main")
 def _main_pulled_to_aux(cfg, student):
     """Main net a: (a - b)^2 with b the aux net's current params as the step gives them."""
     return lambda p, inputs, batch, rng: ((p["a"] - inputs.others["fake"]["b"]) ** 2, {})
 
 
-@register("fid_test_aux")
+@register("test_fid_aux")
 def _aux_pulled_to_main(cfg, student):
     """Aux net b: (b - a)^2 with a the main net's params as the step gives them."""
     return lambda p, inputs, batch, rng: ((p["b"] - inputs.others["student"]["a"]) ** 2, {})
@@ -288,8 +288,8 @@ def _aux_pulled_to_main(cfg, student):
 def _order_config(order):
     c = base.get_config()
     c.optim.warmup_steps, c.optim.lr, c.optim.schedule = 0, 1e-3, "constant"
-    c.losses.fid_test_main = {"weight": 1.0}
-    c.aux_nets.fake = {"losses": {"fid_test_aux": {"weight": 1.0}}, "optim": {"lr": 1e-3}, "order": order}
+    c.losses.test_fid_main = {"weight": 1.0}
+    c.aux_nets.fake = {"losses": {"test_fid_aux": {"weight": 1.0}}, "optim": {"lr": 1e-3}, "order": order}
     return c
 
 

@@ -2,7 +2,8 @@
 feed-forward, BasicTransformerBlock and the spatial Transformer2DModel (NHWC).
 
 Twins of diffusers 0.42 `attention_processor.Attention` (default processor), `attention.FeedForward`
-(`activations.GEGLU` / `GELU`), `attention.BasicTransformerBlock` (norm_type="layer_norm") and
+(`activations.GEGLU` / `GELU`), `attention.BasicTransformerBlock` (norm_type "layer_norm" for the SD
+UNets, "ada_norm_single" for PixArt) and
 `transformers.transformer_2d.Transformer2DModel` (continuous input). Param names follow diffusers'
 submodule names (`to_q`, `to_out_0`, `ff/net_0/proj`, `transformer_blocks_0`, ...) so that
 `models.state_dict.torch_key` with `TRANSFORMER_LIST_NAMES` maps them 1:1 onto its keys.
@@ -26,6 +27,7 @@ TRANSFORMER_LIST_NAMES = ("transformer_blocks", "to_out", "net")
 # diffusers' additive value for a masked-out key (it adds (1 - mask) * -10000 to the logits)
 MASK_BIAS = -10000.0
 FF_ACTIVATIONS = ("geglu", "gelu", "gelu-approximate")
+BLOCK_NORM_TYPES = ("layer_norm", "ada_norm_single")
 
 
 def _dense(features: int, dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
@@ -142,8 +144,16 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """diffusers `BasicTransformerBlock`, norm_type="layer_norm", pre-norm residuals:
-    x += attn1(norm1(x)); x += attn2(norm2(x), context) [if cross_attention_dim]; x += ff(norm3(x)).
+    """diffusers `BasicTransformerBlock`, pre-norm residuals, for two `norm_type`s:
+
+    "layer_norm" (SD UNets):
+        x += attn1(norm1(x)); x += attn2(norm2(x), context) [if cross_attention_dim];
+        x += ff(norm3(x)).
+    "ada_norm_single" (PixArt's adaLN-single): temb (B, 6 * dim), the shared timestep projection,
+    plus the block's own `scale_shift_table` (6, dim) give (shift, scale, gate) for attention and MLP:
+        x += g_msa * attn1(norm1(x) * (1 + s_msa) + b_msa)
+        x += attn2(x, context)                    [no norm, no modulation, as PixArt does]
+        x += g_mlp * ff(norm2(x) * (1 + s_mlp) + b_mlp)   [norm2 serves the MLP; there is no norm3]
 
     x (B, L, dim), context (B, Lc, cross_attention_dim), context_mask (B, Lc) keep -> (B, L, dim).
     """
@@ -160,6 +170,7 @@ class BasicTransformerBlock(nn.Module):
     ff_inner_dim: int | None = None
     ff_bias: bool = True
     dropout: float = 0.0
+    norm_type: str = "layer_norm"
     dtype: Dtype = jnp.float32
 
     def _norm(self, name: str) -> nn.LayerNorm:
@@ -192,13 +203,16 @@ class BasicTransformerBlock(nn.Module):
         context: Array | None = None,
         context_mask: Array | None = None,
         train: bool = False,
+        temb: Array | None = None,
     ) -> Array:
-        x = x + self._attention("attn1", None)(self._norm("norm1")(x))
-        if self.cross_attention_dim is not None:
-            if context is None:
-                raise ValueError("BasicTransformerBlock: cross-attention needs encoder_hidden_states")
-            x = x + self._attention("attn2", self.cross_attention_dim)(
-                self._norm("norm2")(x), context, context_mask
+        """temb (B, 6 * dim): the modulation input of "ada_norm_single" (None for "layer_norm")."""
+        if self.norm_type not in BLOCK_NORM_TYPES:
+            raise ValueError(f"BasicTransformerBlock: norm_type {self.norm_type!r} not in {BLOCK_NORM_TYPES}")
+        single = self.norm_type == "ada_norm_single"
+        if single != (temb is not None):
+            raise ValueError(
+                f'BasicTransformerBlock: temb (B, 6 * dim) is needed by norm_type="ada_norm_single" and '
+                f"only by it (norm_type={self.norm_type!r}, temb {'given' if temb is not None else 'None'})"
             )
         ff = FeedForward(
             inner_dim=self.ff_inner_dim,
@@ -208,7 +222,31 @@ class BasicTransformerBlock(nn.Module):
             dtype=self.dtype,
             name="ff",
         )
-        return x + ff(self._norm("norm3")(x), train)
+        if not single:
+            x = x + self._attention("attn1", None)(self._norm("norm1")(x))
+            x = self._cross_attention(x, context, context_mask, self._norm("norm2"))
+            return x + ff(self._norm("norm3")(x), train)
+
+        b, _, dim = x.shape
+        table = self.param("scale_shift_table", nn.initializers.normal(dim**-0.5), (6, dim), jnp.float32)
+        mod = (table[None] + temb.astype(jnp.float32).reshape(b, 6, dim)).astype(self.dtype)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=1)
+        h = self._norm("norm1")(x) * (1 + scale_msa) + shift_msa
+        x = x + gate_msa * self._attention("attn1", None)(h)
+        x = self._cross_attention(x, context, context_mask, None)
+        h = self._norm("norm2")(x) * (1 + scale_mlp) + shift_mlp
+        return x + gate_mlp * ff(h, train)
+
+    def _cross_attention(
+        self, x: Array, context: Array | None, context_mask: Array | None, norm: nn.Module | None
+    ) -> Array:
+        """x + attn2(norm(x), context) when the block has cross-attention, else x."""
+        if self.cross_attention_dim is None:
+            return x
+        if context is None:
+            raise ValueError("BasicTransformerBlock: cross-attention needs encoder_hidden_states")
+        h = x if norm is None else norm(x)
+        return x + self._attention("attn2", self.cross_attention_dim)(h, context, context_mask)
 
 
 class Transformer2DModel(nn.Module):

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fewstep_jax.paths import DDPM, Path, bcast, edm_sigma, t_from_edm_sigma
+from fewstep_jax.paths import DDPM, Path, RectifiedFlow, bcast, edm_sigma, t_from_edm_sigma
+from fewstep_jax.schedules import flow_match_scheduler
 
 Array = jax.Array
 Velocity = Callable[[Array, Array], Array]
@@ -96,8 +97,23 @@ def tcd_grid(num_steps: int, path: Path) -> np.ndarray:
     return np.concatenate([(ks + 1.0) / T, [0.0]]).astype(np.float32)
 
 
+def flow_match_grid(kind: str, num_steps: int, path: Path) -> np.ndarray:
+    """The sigmas (with the terminal 0) of diffusers' ``FlowMatchEulerDiscreteScheduler`` on the
+    rectified-flow path, whose time they are: ``kind`` is ``flow_match[:key=value...]``, the
+    scheduler's options and ``mu`` / ``image_seq_len`` / ``flux_sigmas``
+    (``schedules.flow_match_scheduler.grid_from_name``), e.g. ``flow_match:shift=3.0`` (SD3).
+    Euler on this grid is the scheduler's sampling loop."""
+    if not isinstance(path, RectifiedFlow):
+        raise ValueError(f"the flow-match grid is a rectified-flow time grid; got the {path.name!r} path")
+    _check_steps(num_steps)
+    return flow_match_scheduler.grid_from_name(kind, int(num_steps))
+
+
 def make_grid(kind: str, num_steps: int, path: Path) -> np.ndarray:
-    """A grid by name: ``uniform``, ``edm``, ``ddpm_leading`` or ``tcd``."""
+    """A grid by name: ``uniform``, ``edm``, ``ddpm_leading``, ``tcd`` or
+    ``flow_match[:key=value...]`` (:func:`flow_match_grid`)."""
+    if flow_match_scheduler.is_flow_match_grid(kind):
+        return flow_match_grid(kind, num_steps, path)
     if kind == "uniform":
         return uniform_grid(num_steps)
     if kind == "edm":
@@ -106,7 +122,10 @@ def make_grid(kind: str, num_steps: int, path: Path) -> np.ndarray:
         return ddpm_leading_grid(num_steps, path)
     if kind == "tcd":
         return tcd_grid(num_steps, path)
-    raise ValueError(f"unknown time grid {kind!r}; expected 'uniform', 'edm', 'ddpm_leading' or 'tcd'")
+    raise ValueError(
+        f"unknown time grid {kind!r}; expected 'uniform', 'edm', 'ddpm_leading', 'tcd' or "
+        "'flow_match[:key=value...]'"
+    )
 
 
 def default_grid(path_name: str) -> str:
@@ -389,6 +408,7 @@ __all__ = [
     "default_grid",
     "edm_grid",
     "euler_step",
+    "flow_match_grid",
     "heun_step",
     "into_data_is_euler",
     "make_grid",

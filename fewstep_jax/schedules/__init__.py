@@ -1,3 +1,3 @@
 """Time schedules: the diffusers-exact schedulers (one file per class mirrored: DDIM, DDPM, LCM,
-TCD), ``scheduler_config.py`` reading a diffusers ``scheduler_config.json`` into them, and TDM's
-schedule."""
+TCD, FlowMatchEulerDiscrete), ``scheduler_config.py`` reading a diffusers ``scheduler_config.json``
+into them, and TDM's schedule."""

@@ -1,7 +1,8 @@
 """A diffusers scheduler as its users configure it: a ``scheduler_config.json`` (or dict) of
 ``DDIMScheduler``, ``DDPMScheduler``, ``LCMScheduler`` or ``TCDScheduler`` read into a
 :class:`SchedulerConfig` that builds the same ``alphas_cumprod``, timesteps and sampling loop
-(``schedules/*_scheduler.py``).
+(``schedules/*_scheduler.py``); one of ``FlowMatchEulerDiscreteScheduler`` (SD3, Flux) into a
+:class:`~fewstep_jax.schedules.flow_match_scheduler.FlowMatchConfig` (sigmas, timesteps, loop).
 
 Defaults are those of the diffusers class (0.42), so ``read_scheduler_config({}, "DDIMScheduler")``
 is ``DDIMScheduler()``: linear betas 1e-4..0.02, ``clip_sample=True``, ``leading`` spacing. Keys
@@ -39,6 +40,7 @@ from fewstep_jax.schedules.ddpm import (
     cumprod_alphas,
 )
 from fewstep_jax.schedules.ddpm_scheduler import VARIANCE_TYPES, ddpm_sample
+from fewstep_jax.schedules.flow_match_scheduler import FLOW_MATCH, FLOW_MATCH_DEFAULTS, FlowMatchConfig
 from fewstep_jax.schedules.lcm_scheduler import lcm_sample, lcm_timesteps
 from fewstep_jax.schedules.tcd_scheduler import tcd_sample, tcd_timesteps
 
@@ -83,9 +85,18 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "LCMScheduler": dict(_CONSISTENCY),
     "TCDScheduler": dict(_CONSISTENCY),
+    FLOW_MATCH: dict(FLOW_MATCH_DEFAULTS),
 }
 SCHEDULER_CLASSES = tuple(DEFAULTS)
-_ALIASES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "lcm": "LCMScheduler", "tcd": "TCDScheduler"}
+# the classes of a beta table (SchedulerConfig); the flow-match class builds a FlowMatchConfig
+BETA_CLASSES = tuple(c for c in DEFAULTS if c != FLOW_MATCH)
+_ALIASES = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
+    "flow_match": FLOW_MATCH,
+}
 # the step's default eta of each class (DDIM's eta, TCD's gamma; DDPM and LCM have none)
 DEFAULT_ETA = {"DDIMScheduler": 0.0, "DDPMScheduler": 0.0, "LCMScheduler": 0.0, "TCDScheduler": 0.3}
 
@@ -120,8 +131,8 @@ class SchedulerConfig:
 
     def __post_init__(self):
         where = f"{self.cls} config"
-        if self.cls not in DEFAULTS:
-            raise UserError(f"unknown scheduler class {self.cls!r}; expected one of {SCHEDULER_CLASSES}")
+        if self.cls not in BETA_CLASSES:
+            raise UserError(f"unknown beta-table scheduler {self.cls!r}; expected one of {BETA_CLASSES}")
         schedules = BETA_SCHEDULES + (DDPM_ONLY_BETA_SCHEDULES if self.cls == "DDPMScheduler" else ())
         if self.trained_betas is None and self.beta_schedule not in schedules:
             raise UserError(f"{where}: beta_schedule {self.beta_schedule!r} is not one of {schedules}")
@@ -271,7 +282,8 @@ class SchedulerConfig:
 
 
 def scheduler_class(name: str) -> str:
-    """The diffusers class name of ``name`` (a class name or ``ddim`` / ``ddpm`` / ``lcm`` / ``tcd``)."""
+    """The diffusers class name of ``name`` (a class name or ``ddim`` / ``ddpm`` / ``lcm`` / ``tcd`` /
+    ``flow_match``)."""
     cls = _ALIASES.get(str(name).lower(), name)
     if cls not in DEFAULTS:
         raise UserError(
@@ -286,12 +298,13 @@ def read_scheduler_config(
     *,
     ignored: Collection[str] = (),
     what: str | None = None,
-) -> SchedulerConfig:
-    """A :class:`SchedulerConfig` from a diffusers scheduler config (a dict or a json file).
+) -> SchedulerConfig | FlowMatchConfig:
+    """A :class:`SchedulerConfig` (a :class:`FlowMatchConfig` for ``FlowMatchEulerDiscreteScheduler``)
+    from a diffusers scheduler config (a dict or a json file).
 
-    cls: the class to build (a class name or ``ddim`` / ``ddpm`` / ``lcm`` / ``tcd``); default the config's
-      ``_class_name``. Building another class than the one that wrote the config is diffusers'
-      ``Target.from_config(source.config)``.
+    cls: the class to build (a class name or ``ddim`` / ``ddpm`` / ``lcm`` / ``tcd`` / ``flow_match``);
+      default the config's ``_class_name``. Building another class than the one that wrote the
+      config is diffusers' ``Target.from_config(source.config)``.
     ignored: further keys to drop (for a config written by another diffusers class).
     """
     from fewstep_jax.models.hf_config import read_options  # the project's one config.json reader
@@ -313,18 +326,21 @@ def read_scheduler_config(
     if source in DEFAULTS and source != cls:
         drop |= set(DEFAULTS[source]) - set(DEFAULTS[cls])
     opts = read_options(config, DEFAULTS[cls], what=what or f"scheduler config ({cls})", ignored=drop)
+    if cls == FLOW_MATCH:
+        return FlowMatchConfig(**opts)
     if opts["trained_betas"] is not None:
         opts["trained_betas"] = tuple(float(b) for b in opts["trained_betas"])
     return SchedulerConfig(cls=cls, **opts)
 
 
-def scheduler_config(cls: str, **options) -> SchedulerConfig:
+def scheduler_config(cls: str, **options) -> SchedulerConfig | FlowMatchConfig:
     """``<cls>(**options)`` with diffusers' defaults for the rest (unknown options are errors)."""
     cls = scheduler_class(cls)
     return read_scheduler_config({"_class_name": cls, **options}, cls)
 
 
 __all__ = [
+    "BETA_CLASSES",
     "DEFAULTS",
     "DEFAULT_ETA",
     "SCHEDULER_CLASSES",

@@ -32,8 +32,8 @@ TFDS = [
 # constraints.txt names the CPU wheel's version.
 TORCH = ["torch>=2.1", "diffusers>=0.30", "safetensors>=0.4"]
 # Latent text-to-image pipelines (fewstep_jax/pipelines): safetensors weights, the tokenizers'
-# own files read by the `tokenizers` library (no torch).
-LATENT = ["safetensors>=0.4", "tokenizers>=0.20"]
+# own files read by the `tokenizers` (CLIP BPE) and `sentencepiece` (T5) libraries (no torch).
+LATENT = ["safetensors>=0.4", "tokenizers>=0.20", "sentencepiece>=0.2"]
 # The PyTorch reference side of the parity tests: transformers' CLIP / T5, peft's LoRA layout.
 TEST = ["pytest>=8", "pytest-xdist>=3", "ruff>=0.15", "scipy", "transformers>=5", "peft>=0.15"]
 

@@ -24,11 +24,14 @@ EXIT_CODE = 2  # what argparse and absl use for a bad command line
 VERBOSE_ENV = "FEWSTEP_VERBOSE"
 TORCH_EXTRA = 'pip install "fewstep-jax[torch]"'
 TFDS_EXTRA = 'pip install "fewstep-jax[tfds]"'
+LATENT_EXTRA = 'pip install "fewstep-jax[latent]"'
 # the packages of the optional extras (setup.py) -> how to install them
 INSTALL_HINTS = {
     "torch": TORCH_EXTRA,
     "diffusers": TORCH_EXTRA,
     "safetensors": "pip install safetensors",
+    "tokenizers": LATENT_EXTRA,
+    "sentencepiece": LATENT_EXTRA,
     "tensorflow": TFDS_EXTRA,
     "tensorflow_datasets": TFDS_EXTRA,
 }

@@ -86,7 +86,7 @@ def test_default_job_runs_from_outside_the_repo(run_installed, tmp_path):
     run_installed([
         f"--config={ROOT}/configs/default.py", f"--workdir={workdir}", "--config.pipeline.steps=20",
         "--config.pipeline.methods=('traflow',)", "--config.eval.num_samples=200",
-        "--config.pipeline.trajectory_samples=20",
+        "--config.pipeline.trajectory_samples=20", "--config.pipeline.teacher_solvers=('euler',)",
     ])  # fmt: skip
     assert json.loads((workdir / "pipeline.json").read_text())["methods"] == ["traflow"]
     assert (workdir / "report.md").is_file()
@@ -97,6 +97,7 @@ def test_recipe_by_name_runs_from_outside_the_repo(run_installed, tmp_path):
     run_installed([
         f"--config={ROOT}/configs/distill.py:gmm8,traflow", f"--workdir={workdir}",
         "--config.train.num_steps=10", "--config.eval.num_samples=200",
+        "--config.eval.nfes=(1,)", "--config.eval.teacher_solvers=('euler',)",
     ])  # fmt: skip
     assert [r["step"] for r in writers.read_metrics(workdir) if "loss" in r][-1] == 10
 
@@ -105,7 +106,8 @@ def test_bench_harness_runs_from_outside_the_repo(run_installed, tmp_path):
     out = tmp_path / "bench" / "distill.json"
     run_installed([
         "-m", "fewstep_jax.bench.distill", "--testbeds=gmm8", "--recipes=traflow", "--steps=10",
-        f"--out={out}", "--set=eval.num_samples=200", f"--workdir_root={tmp_path / 'runs'}",
+        f"--out={out}", "--set=eval.num_samples=200", "--set=eval.nfes=(1,)",
+        "--set=eval.teacher_solvers=('euler',)", f"--workdir_root={tmp_path / 'runs'}",
     ])  # fmt: skip
     rows = json.loads(out.read_text())["testbeds"]["gmm8"]["rows"]
     assert {r["steps"] for r in rows if r["method"] == "traflow"} == {10}, rows

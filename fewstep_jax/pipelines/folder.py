@@ -1,0 +1,378 @@
+"""A diffusers pipeline folder (model_index.json + one folder per component) loaded into JAX.
+
+`load_pipeline(folder)` reads `model_index.json`, looks its `_class_name` up in `PIPELINES`, the one
+table {diffusers pipeline class: FamilySpec}, and loads every component the family needs with the
+loader its model_index class names: the denoiser (`transformer/` or `unet/`), the VAE, the text
+encoders and tokenizers, and the scheduler config read into the project's scheduler mirror
+(schedules/scheduler_config.py). Weights are safetensors only (pipelines/weights.py): pickled
+`.bin` / `.ckpt` files are never loaded.
+
+Families (diffusers 0.42 pipelines):
+  pixart_alpha  PixArtAlphaPipeline   transformer (PixArtTransformer2DModel, or the older
+                                      Transformer2DModel configs), vae, T5 text_encoder + tokenizer
+                                      (120 tokens)
+  pixart_sigma  PixArtSigmaPipeline   the same components, 300 tokens, no size conditions
+Planned (`PLANNED`, a UserError "not yet supported" until their entry exists): sd
+(StableDiffusionPipeline), sdxl (StableDiffusionXLPipeline), sd3 (StableDiffusion3Pipeline),
+flux (FluxPipeline). A family is one `FamilySpec`: its component folders with a loader per
+accepted component class, its text length, its prompt encoder (pipelines/prompts.py) and its
+denoiser call (`denoiser_apply`).
+
+Schedulers: a mirrored class (DDIM, DDPM, LCM, TCD, FlowMatchEulerDiscrete) is read as it is
+saved; another class (PixArt's DPMSolverMultistepScheduler, SD's PNDMScheduler) is not mirrored:
+the pipeline then has `scheduler=None` and `scheduler_note` says why, and `scheduler_as(pipe,
+"ddim")` (or `load_pipeline(folder, scheduler="ddim")`) rebuilds the folder's config as a
+mirrored class, as diffusers' `DDIMScheduler.from_config(pipe.scheduler.config)` does (options the
+new class lacks are dropped).
+
+Use:
+  pipe = load_pipeline("PixArt-alpha-folder", scheduler="ddim")
+  cond, null_cond = encode_prompts(pipe, ["a cat"])           # pipelines/prompts.py
+  eps = denoiser_apply(pipe)(pipe.denoiser.params, latents_nhwc, timesteps, cond)
+  images = sample(pipe, ["a cat"], latents_nhwc, 20, 4.5)   # pipelines/sampling.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+from fewstep_jax.errors import UserError, did_you_mean
+from fewstep_jax.pipelines import prompts
+from fewstep_jax.pipelines.weights import read_json
+from fewstep_jax.schedules.flow_match_scheduler import FlowMatchConfig
+from fewstep_jax.schedules.scheduler_config import (
+    DEFAULTS as SCHEDULER_DEFAULTS,
+)
+from fewstep_jax.schedules.scheduler_config import (
+    SchedulerConfig,
+    read_scheduler_config,
+    scheduler_class,
+)
+
+Array = jax.Array
+# fn(params, latents (B, h, w, C) NHWC, timestep (B,) in diffusers' units, cond dict) -> (B, h, w, C)
+DenoiserFn = Callable[[Any, Array, Array, Mapping[str, Array]], Array]
+MODEL_INDEX = "model_index.json"
+FAMILIES = ("pixart_alpha", "pixart_sigma", "sd", "sdxl", "sd3", "flux")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Component:
+    """A loaded network: the Flax module and its float32 params (apply as {"params": params})."""
+
+    module: Any
+    params: Any
+
+
+# ---- one loader per component class --------------------------------------------------------------
+# loader(folder, dtype, variant, max_length) -> a Component (networks) or a tokenizer
+Loader = Callable[[str, str, "str | None", "int | None"], Any]
+
+
+def _pixart_transformer(folder: str, dtype: str, variant: str | None, max_length: int | None) -> Component:
+    from fewstep_jax.models.pixart import load_pixart_transformer
+
+    return Component(*load_pixart_transformer(folder, dtype, variant=variant))
+
+
+def _vae(folder: str, dtype: str, variant: str | None, max_length: int | None) -> Component:
+    from fewstep_jax.models.vae import load_vae
+
+    module, variables = load_vae(folder, dtype, variant)
+    return Component(module, variables["params"])
+
+
+def _t5_encoder(folder: str, dtype: str, variant: str | None, max_length: int | None) -> Component:
+    from fewstep_jax.models.t5_encoder import load_t5_encoder
+
+    return Component(*load_t5_encoder(folder, dtype, variant=variant))
+
+
+def _t5_tokenizer(folder: str, dtype: str, variant: str | None, max_length: int | None) -> Any:
+    from fewstep_jax.text.t5_tokenizer import load_t5_tokenizer
+
+    return load_t5_tokenizer(folder, max_length or 512)
+
+
+PIXART_TRANSFORMERS: dict[str, Loader] = {
+    "PixArtTransformer2DModel": _pixart_transformer,
+    "Transformer2DModel": _pixart_transformer,  # PixArt-alpha folders saved before diffusers 0.28
+}
+VAES: dict[str, Loader] = {"AutoencoderKL": _vae}
+T5_ENCODERS: dict[str, Loader] = {"T5EncoderModel": _t5_encoder}
+T5_TOKENIZERS: dict[str, Loader] = {"T5Tokenizer": _t5_tokenizer, "T5TokenizerFast": _t5_tokenizer}
+
+
+# ---- the denoiser call of each family ------------------------------------------------------------
+def _pixart_apply(pipe: LatentPipeline) -> DenoiserFn:
+    """PixArtTransformer2D on cond {"text_states", "text_mask"[, "resolution", "aspect_ratio"]};
+    with learned sigma, the first half of the channels (torch.chunk(2)'s first part), as
+    PixArtAlphaPipeline / PixArtSigmaPipeline take after guidance (slicing first is the same:
+    guidance is per channel)."""
+    module = pipe.denoiser.module
+    keep = -(-module.output_channels // 2) if module.output_channels // 2 == module.in_channels else None
+
+    def fn(params: Any, latents: Array, timestep: Array, cond: Mapping[str, Array]) -> Array:
+        added = {k: cond[k] for k in ("resolution", "aspect_ratio") if k in cond} or None
+        out = module.apply(
+            {"params": params}, latents, timestep, cond["text_states"], cond.get("text_mask"), added
+        )
+        return out if keep is None else out[..., :keep]
+
+    return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilySpec:
+    """What one diffusers pipeline class needs.
+
+    components: {component folder: {accepted model_index class: loader}} (the scheduler is read
+      separately, whatever its class); optional: components that may be null in model_index.
+    denoiser: the component that is the diffusion network ("transformer" | "unet").
+    max_sequence_length: the pipeline's default text length (the tokenizers are loaded at it).
+    encode: the family's prompt encoder (pipelines/prompts.py), apply: its denoiser call.
+    one_step_x0: the pipeline returns the step's predicted x0 when num_inference_steps == 1
+      (PixArtAlphaPipeline's `scheduler.step(...)[1]`).
+    """
+
+    family: str
+    denoiser: str
+    components: Mapping[str, Mapping[str, Loader]]
+    max_sequence_length: int | None
+    encode: Callable[..., tuple[dict[str, Array], dict[str, Array]]]
+    apply: Callable[[LatentPipeline], DenoiserFn]
+    optional: tuple[str, ...] = ()
+    one_step_x0: bool = False
+
+
+_PIXART_COMPONENTS = {
+    "transformer": PIXART_TRANSFORMERS,
+    "vae": VAES,
+    "text_encoder": T5_ENCODERS,
+    "tokenizer": T5_TOKENIZERS,
+}
+PIPELINES: dict[str, FamilySpec] = {
+    "PixArtAlphaPipeline": FamilySpec(
+        "pixart_alpha",
+        "transformer",
+        _PIXART_COMPONENTS,
+        120,
+        prompts.encode_pixart,
+        _pixart_apply,
+        one_step_x0=True,
+    ),
+    "PixArtSigmaPipeline": FamilySpec(
+        "pixart_sigma", "transformer", _PIXART_COMPONENTS, 300, prompts.encode_pixart, _pixart_apply
+    ),
+}
+# families with a diffusers pipeline class but no entry yet: {class: what the entry needs}
+PLANNED: dict[str, str] = {
+    "StableDiffusionPipeline": (
+        "sd: unet (models/unet_condition.load_unet_condition), CLIPTextModel "
+        "(models/clip_text.load_clip_text_encoder) and a CLIP tokenizer (text/clip_tokenizer)"
+    ),
+    "StableDiffusionXLPipeline": (
+        "sdxl: unet, two CLIP text encoders and tokenizers; cond adds 'pooled' and 'time_ids'"
+    ),
+    "StableDiffusion3Pipeline": "sd3: the SD3 transformer (models/sd3.py), CLIP x2 + T5 text encoders",
+    "FluxPipeline": "flux: the Flux transformer, CLIP + T5 text encoders",
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LatentPipeline:
+    """A loaded pipeline folder.
+
+    models: {component: Component} of the networks (transformer / unet, vae, text_encoder*);
+    tokenizers: {component: tokenizer}; scheduler: the project's mirror of the folder's scheduler
+    (None when its class is not mirrored: `scheduler_note` says why); scheduler_config: the
+    folder's scheduler_config.json as saved; index: model_index.json's {component: (library,
+    class)}; dtype: the compute dtype of every network.
+    """
+
+    folder: str
+    pipeline_class: str
+    spec: FamilySpec
+    models: Mapping[str, Component]
+    tokenizers: Mapping[str, Any]
+    scheduler: SchedulerConfig | FlowMatchConfig | None
+    scheduler_config: Mapping[str, Any]
+    scheduler_note: str | None
+    index: Mapping[str, tuple[str, str]]
+    dtype: str
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def denoiser(self) -> Component:
+        return self.models[self.spec.denoiser]
+
+    @property
+    def vae(self) -> Component:
+        return self.models["vae"]
+
+    @property
+    def text_encoders(self) -> tuple[Component, ...]:
+        """In diffusers' order: text_encoder, text_encoder_2, text_encoder_3 (those present)."""
+        return tuple(self.models[k] for k in sorted(self.models) if k.startswith("text_encoder"))
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent, as the pipelines compute it: 2 ** (len(block_out_channels) - 1)."""
+        return 2 ** (len(self.vae.module.block_out_channels) - 1)
+
+
+def read_model_index(folder: str) -> dict[str, tuple[str, str]]:
+    """{component: (library, class name)} of `folder`/model_index.json; null components (e.g. an
+    absent safety_checker, SDXL refiner's text_encoder) and "_" keys are left out."""
+    path = os.path.join(folder, MODEL_INDEX)
+    if not os.path.isdir(folder):
+        raise UserError(f"pipeline folder {folder!r} not found")
+    if not os.path.isfile(path):
+        raise UserError(f"{folder!r} is not a diffusers pipeline folder: it has no {MODEL_INDEX}")
+    out = {}
+    for name, value in read_json(path).items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise UserError(f"{path}: component {name!r} must be [library, class], got {value!r}")
+        if value[0] is None or value[1] is None:
+            continue
+        out[name] = (str(value[0]), str(value[1]))
+    return out
+
+
+def pipeline_spec(pipeline_class: str | None, where: str = MODEL_INDEX) -> FamilySpec:
+    """The FamilySpec of a diffusers pipeline class; an unknown or planned one is a UserError naming
+    it and the supported classes."""
+    if pipeline_class in PIPELINES:
+        return PIPELINES[pipeline_class]
+    supported = sorted(PIPELINES)
+    if pipeline_class in PLANNED:
+        raise UserError(
+            f"{where}: {pipeline_class} is not yet supported (needs the {PLANNED[pipeline_class]} "
+            f"entry); supported pipeline classes: {supported}"
+        )
+    raise UserError(
+        f"{where}: pipeline class {pipeline_class!r} is not supported"
+        f"{did_you_mean(str(pipeline_class), [*PIPELINES, *PLANNED])}; supported: {supported} "
+        f"(planned: {sorted(PLANNED)})"
+    )
+
+
+def load_pipeline(
+    folder: str, dtype: str = "float32", variant: str | None = None, *, scheduler: str | None = None
+) -> LatentPipeline:
+    """Every component of the diffusers pipeline `folder` that its family needs.
+
+    dtype: compute dtype of the networks ("float32" | "bfloat16"; params stay float32).
+    variant: the weights variant ("fp16", "bf16": `*.fp16.safetensors`), else the plain files.
+    scheduler: None for the folder's own scheduler class, or a mirrored class to rebuild its
+      config as ("ddim", "DDIMScheduler", ...; see `scheduler_as`).
+    A missing component (in model_index or on disk), a component class the family has no loader
+    for, or a component without safetensors weights is a UserError naming it.
+    """
+    index = read_model_index(folder)
+    index_path = os.path.join(folder, MODEL_INDEX)
+    pipeline_class = read_json(index_path).get("_class_name")
+    spec = pipeline_spec(pipeline_class, index_path)
+    models: dict[str, Component] = {}
+    tokenizers: dict[str, Any] = {}
+    for name, loaders in spec.components.items():
+        if name not in index:
+            if name in spec.optional:
+                continue
+            raise UserError(f"{index_path}: {pipeline_class} needs the component {name!r}, which it lacks")
+        cls = index[name][1]
+        if cls not in loaders:
+            raise UserError(
+                f"{index_path}: component {name!r} is a {cls}; {pipeline_class} loads {sorted(loaders)}"
+            )
+        path = os.path.join(folder, name)
+        if not os.path.isdir(path):
+            raise UserError(f"component folder {path!r} ({cls}, listed in {MODEL_INDEX}) not found")
+        obj = loaders[cls](path, dtype, variant, spec.max_sequence_length)
+        (models if isinstance(obj, Component) else tokenizers)[name] = obj
+    sched, config, note = _read_scheduler(folder, index, scheduler)
+    return LatentPipeline(
+        folder=folder,
+        pipeline_class=pipeline_class,
+        spec=spec,
+        models=models,
+        tokenizers=tokenizers,
+        scheduler=sched,
+        scheduler_config=config,
+        scheduler_note=note,
+        index=index,
+        dtype=str(dtype),
+    )
+
+
+def _read_scheduler(
+    folder: str, index: Mapping[str, tuple[str, str]], cls: str | None
+) -> tuple[SchedulerConfig | FlowMatchConfig | None, dict[str, Any], str | None]:
+    """(mirror or None, the saved config, why None)."""
+    if "scheduler" not in index:
+        return None, {}, f"{folder!r} lists no scheduler in {MODEL_INDEX}"
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    config = read_json(path)
+    if cls is not None:
+        return rebuild_scheduler(config, cls, path), config, None
+    source = config.get("_class_name") or index["scheduler"][1]
+    if source not in SCHEDULER_DEFAULTS:
+        note = (
+            f"the folder's {source} is not mirrored by this project "
+            f"(mirrored: {sorted(SCHEDULER_DEFAULTS)}); "
+            "pass scheduler='ddim' (or another mirrored class) to rebuild its config as that class"
+        )
+        return None, config, note
+    return read_scheduler_config({"_class_name": source, **config}, what=path), config, None
+
+
+def rebuild_scheduler(
+    config: Mapping[str, Any], cls: str, what: str = "scheduler config"
+) -> SchedulerConfig | FlowMatchConfig:
+    """`config` (a diffusers scheduler config of any class) as the mirrored class `cls`, as
+    diffusers' `Cls.from_config(config)`: options `cls` lacks are dropped."""
+    target = scheduler_class(cls)
+    dropped = set(config) - set(SCHEDULER_DEFAULTS[target])
+    return read_scheduler_config(dict(config), target, ignored=dropped, what=what)
+
+
+def scheduler_as(pipe: LatentPipeline, cls: str) -> SchedulerConfig | FlowMatchConfig:
+    """The pipeline folder's scheduler config rebuilt as the mirrored class `cls` ("ddim", ...)."""
+    if not pipe.scheduler_config:
+        raise UserError(pipe.scheduler_note or f"{pipe.folder!r} has no scheduler config")
+    return rebuild_scheduler(pipe.scheduler_config, cls, os.path.join(pipe.folder, "scheduler"))
+
+
+def denoiser_apply(pipe: LatentPipeline) -> DenoiserFn:
+    """The family's denoiser call: fn(params, latents (B, h, w, C) NHWC, timestep (B,) in diffusers'
+    units (0..999 integer-valued for the DDPM families; sigma * 1000 for flow matching), cond) ->
+    the model output (B, h, w, C) that the scheduler steps on (eps / v / velocity), float32.
+
+    cond is the dict of pipelines/prompts.encode_prompts; jit the returned function."""
+    return pipe.spec.apply(pipe)
+
+
+__all__ = [
+    "FAMILIES",
+    "PIPELINES",
+    "PLANNED",
+    "Component",
+    "FamilySpec",
+    "LatentPipeline",
+    "denoiser_apply",
+    "load_pipeline",
+    "pipeline_spec",
+    "read_model_index",
+    "rebuild_scheduler",
+    "scheduler_as",
+]

@@ -1,0 +1,134 @@
+"""Prompts -> the denoiser's conditioning, per family, as diffusers' `encode_prompt` computes it.
+
+`encode_prompts(pipe, prompts, negative_prompts)` -> (cond, null_cond): two dicts of arrays with the
+same keys and shapes (batch B = len(prompts)), the condition and the classifier-free-guidance
+"unconditional" one. This dict is the condition the project passes to a latent teacher, and
+`pipelines.folder.denoiser_apply` maps it onto each family's network call. Keys:
+  "text_states"   (B, L, D) float32  the cross-attention context (PixArt: T5 last_hidden_state)
+  "text_mask"     (B, L) int32       1 = token, 0 = padding (PixArt's prompt_attention_mask)
+  "resolution"    (B, 2) float32     (height, width) of the image in pixels   } PixArt-alpha with
+  "aspect_ratio"  (B, 1) float32     height / width                           } sample_size 128
+Planned families add: SD nothing beyond "text_states" (no mask); SDXL "pooled" (B, P) and
+"time_ids" (B, 6); SD3 / Flux "pooled" (B, P).
+
+PixArt (diffusers 0.42 `PixArtAlphaPipeline.encode_prompt`, Sigma's is the same at 300 tokens):
+each text lower-cased and stripped (`_text_preprocessing` with clean_caption=False; the URL / HTML
+cleaning of clean_caption=True is not done here), T5-tokenised to max_length (padding and
+truncation, `</s>` at the end), encoded with the tokenizer's mask; the negative prompt (default
+"") the same way at the same length. The size conditions are those of `__call__` (after any
+resolution binning, which is the caller's: pass the final image size).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fewstep_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from fewstep_jax.pipelines.folder import LatentPipeline
+
+Array = jax.Array
+Cond = dict[str, Array]
+
+
+@functools.cache
+def _jitted(module: Any) -> Any:
+    """jit(module.apply), one per (hashable) module, so repeated prompts reuse the compilation."""
+    return jax.jit(module.apply)
+
+
+def _negatives(negative_prompts: str | Sequence[str] | None, batch: int) -> list[str]:
+    if negative_prompts is None:
+        return [""] * batch
+    if isinstance(negative_prompts, str):
+        return [negative_prompts] * batch
+    negatives = list(negative_prompts)
+    if len(negatives) != batch:
+        raise UserError(f"got {len(negatives)} negative prompts for {batch} prompts")
+    return negatives
+
+
+def encode_prompts(
+    pipe: LatentPipeline,
+    prompts: str | Sequence[str],
+    negative_prompts: str | Sequence[str] | None = None,
+    *,
+    image_size: tuple[int, int] | None = None,
+    max_sequence_length: int | None = None,
+) -> tuple[Cond, Cond]:
+    """(cond, null_cond) of `prompts` and `negative_prompts` (None: "" for each, diffusers'
+    default; one str: repeated) for the pipeline's family (see the module docstring for the keys).
+
+    image_size: (height, width) in pixels, for families with size conditions (default: the
+      denoiser's sample_size times the VAE factor, diffusers' default size).
+    max_sequence_length: the text length (default the pipeline's: 120 PixArt-alpha, 300 Sigma).
+    """
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not texts:
+        raise UserError("encode_prompts: no prompts")
+    bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+    if bad:
+        raise UserError(f"encode_prompts: prompts must be str, got {bad}")
+    return pipe.spec.encode(
+        pipe,
+        texts,
+        _negatives(negative_prompts, len(texts)),
+        image_size=image_size,
+        max_sequence_length=max_sequence_length,
+    )
+
+
+def _t5_at(tokenizer: Any, max_length: int) -> Any:
+    """The T5 tokenizer at another max_length (same model and special tokens)."""
+    if tokenizer.max_length == max_length:
+        return tokenizer
+    from fewstep_jax.text.t5_tokenizer import T5Tokenizer
+
+    return T5Tokenizer(tokenizer.processor, max_length, tokenizer.special, tokenizer.eos_id, tokenizer.pad_id)
+
+
+def encode_pixart(
+    pipe: LatentPipeline,
+    prompts: list[str],
+    negatives: list[str],
+    *,
+    image_size: tuple[int, int] | None = None,
+    max_sequence_length: int | None = None,
+) -> tuple[Cond, Cond]:
+    """PixArt-alpha / Sigma: T5 states and mask of each prompt list (module docstring)."""
+    length = int(max_sequence_length or pipe.spec.max_sequence_length)
+    tokenizer = _t5_at(pipe.tokenizers["tokenizer"], length)
+    encoder = pipe.models["text_encoder"]
+    run = _jitted(encoder.module)
+
+    def encode(texts: list[str]) -> Cond:
+        tokens = tokenizer([t.lower().strip() for t in texts])
+        mask = jnp.asarray(tokens["attention_mask"], jnp.int32)
+        states = run({"params": encoder.params}, jnp.asarray(tokens["input_ids"]), mask)
+        return {"text_states": states.astype(jnp.float32), "text_mask": mask}
+
+    cond, null = encode(prompts), encode(negatives)
+    transformer = pipe.denoiser.module
+    # PixArtAlphaPipeline's rule (not the transformer's use_additional_conditions): sample_size 128
+    if pipe.family == "pixart_alpha" and transformer.sample_size == 128:
+        if image_size is None:
+            side = transformer.sample_size * pipe.vae_scale_factor
+            image_size = (side, side)
+        height, width = (int(s) for s in image_size)
+        b = len(prompts)
+        sizes = {
+            "resolution": jnp.asarray(np.tile([[height, width]], (b, 1)), jnp.float32),
+            "aspect_ratio": jnp.full((b, 1), float(height / width), jnp.float32),
+        }
+        cond, null = {**cond, **sizes}, {**null, **sizes}
+    return cond, null
+
+
+__all__ = ["encode_pixart", "encode_prompts"]

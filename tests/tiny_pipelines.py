@@ -1,0 +1,130 @@
+"""Tiny random diffusers pipeline folders for the pipeline tests (nothing downloads).
+
+`build_pixart(folder, sigma=False)` builds a PixArtAlphaPipeline (or PixArtSigmaPipeline) from
+random tiny components: PixArtTransformer2DModel (width 24, 1 layer, learned sigma), AutoencoderKL
+(2 blocks: 2 pixels per latent), T5EncoderModel (gated-gelu, 2 layers), a T5 tokenizer on a unigram
+sentencepiece model trained here, and a DDIMScheduler; saves it with `save_pretrained` and returns
+(folder, torch pipeline). The alpha transformer has sample_size 128, so PixArtAlphaPipeline passes
+the resolution / aspect-ratio conditions, as for PixArt-alpha 1024; the Sigma one has none.
+
+transformers 5's `save_pretrained` writes tokenizer.json only; the project's T5 tokenizer reads
+`spiece.model`, which the released PixArt folders ship, so it is copied into tokenizer/.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+import torch
+
+CORPUS = [
+    "a photo of a cat sitting on a red chair",
+    "an astronaut riding a horse on the moon, digital art",
+    "the quick brown fox jumps over the lazy dog",
+    "low quality, blurry, watermark",
+    "a watercolor painting of a lighthouse at dusk",
+    "two dogs playing in the snow",
+    "a bowl of ramen with eggs and green onions",
+    "sunset over the mountains, golden hour",
+]
+T5 = {
+    "d_model": 32,
+    "d_kv": 8,
+    "num_heads": 4,
+    "d_ff": 37,
+    "num_layers": 2,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 16,
+    "feed_forward_proj": "gated-gelu",
+}
+VAE = {
+    "block_out_channels": (8, 16),
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "latent_channels": 4,
+    "sample_size": 16,
+}
+TRANSFORMER = {
+    "num_layers": 1,
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "in_channels": 4,
+    "out_channels": 8,
+    "patch_size": 2,
+    "caption_channels": T5["d_model"],
+    "cross_attention_dim": 24,
+}
+
+
+def train_spiece(path: str) -> None:
+    """A unigram sentencepiece model with T5's special ids (pad 0, eos 1, unk 2, no bos)."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 4),
+        model_writer=model,
+        vocab_size=120,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+
+
+def _perturb(model: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """Random offsets on every weight, so zero-initialised parts and norm scales count."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model.eval()
+
+
+def build_pixart(folder: str, *, sigma: bool = False, seed: int = 0):
+    """(folder, torch pipeline) of a tiny PixArt-alpha (or Sigma) pipeline saved into `folder`."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(seed)
+    source = folder + "_spiece"  # the tokenizer as PixArt ships it: spiece.model + its config
+    os.makedirs(source, exist_ok=True)
+    spiece = os.path.join(source, "spiece.model")
+    train_spiece(spiece)
+    special = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    with open(os.path.join(source, "tokenizer_config.json"), "w") as f:
+        json.dump({**special, "extra_ids": 0, "model_max_length": 512, "tokenizer_class": "T5Tokenizer"}, f)
+    tokenizer = transformers.T5Tokenizer.from_pretrained(source)
+    text_encoder = _perturb(
+        transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(tokenizer), **T5)), 0.1
+    )
+    vae = _perturb(diffusers.AutoencoderKL(**VAE), 0.1)
+    if sigma:
+        tcfg = {
+            **TRANSFORMER,
+            "sample_size": 16,
+            "use_additional_conditions": False,
+            "interpolation_scale": 2,
+        }
+    else:
+        tcfg = {**TRANSFORMER, "sample_size": 128}
+    transformer = _perturb(diffusers.PixArtTransformer2DModel(**tcfg), 0.05)
+    scheduler = diffusers.DDIMScheduler()
+    cls = diffusers.PixArtSigmaPipeline if sigma else diffusers.PixArtAlphaPipeline
+    pipe = cls(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.copy(spiece, os.path.join(folder, "tokenizer", "spiece.model"))
+    return folder, pipe

@@ -8,6 +8,13 @@ train step can take the teacher as an argument without re-compiling when its wei
 ``apply(params, x, t, label) -> prediction`` is the one pure function a source provides, in the
 teacher's own ``path`` and ``prediction`` kind; the rest (velocity, ``(x0, eps)``, guidance, ODE
 solves) is derived here once for every source.
+
+The condition ``label`` is either class labels (B,) int32 (``num_classes > 0``; -1 is the null
+class) or, for a text-conditioned latent teacher, a conditioning pytree (a dict of arrays with a
+leading batch axis, e.g. ``{"text_states": (B, L, D), "text_mask": (B, L)}``) beside the teacher's
+``null_condition`` (the same dict for the empty / negative prompt, batch 1 or B) that classifier-free
+guidance and an absent condition use. The losses pass either kind through unchanged
+(docs/design.md "Teacher").
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ class Teacher:
       name: for reports.
       singular_at_zero: the velocity is singular at t = 0 on any path (the ideal denoiser of a
         finite set); with the path's own singularity this is :attr:`euler_into_data`.
+      null_condition: None, or the conditioning pytree of the empty / negative prompt (leaves
+        (1, ...) or (B, ...)): the teacher is then text-conditioned (see the module docstring).
     """
 
     params: Any
@@ -50,6 +59,12 @@ class Teacher:
     num_classes: int = flax.struct.field(pytree_node=False, default=0)
     name: str = flax.struct.field(pytree_node=False, default="teacher")
     singular_at_zero: bool = flax.struct.field(pytree_node=False, default=False)
+    null_condition: Any = None
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the teacher takes a condition (class labels or a conditioning pytree)."""
+        return self.num_classes > 0 or self.null_condition is not None
 
     @property
     def euler_into_data(self) -> bool:
@@ -78,28 +93,36 @@ class Teacher:
 
             check_time(t)
 
-    def _labels(self, x: Array, label: Array | None) -> Array | None:
+    def condition(self, x: Array, label: Any = None) -> Any:
+        """The condition of the batch ``x``: None (unconditional), class labels (B,) int32 (None ->
+        the null class) or the conditioning pytree broadcast to batch B (None -> the null one)."""
+        if self.null_condition is not None:
+            return batch_condition(self.null_condition if label is None else label, x.shape[0])
         if self.num_classes == 0:
             return None
         if label is None:
             return jnp.full((x.shape[0],), NULL_LABEL, jnp.int32)
         return jnp.broadcast_to(jnp.asarray(label, jnp.int32), (x.shape[0],))
 
+    def null_condition_of(self, x: Array) -> Any:
+        """The unconditional branch's condition for the batch ``x`` (classifier-free guidance)."""
+        return self.condition(x, None)
+
     # ---- predictions ---------------------------------------------------------------------------
     def predict(self, x: Array, t: Array, label: Array | None = None, guidance: float | Array = 1.0):
         """The native prediction, with classifier-free guidance (Imagen form) when ``guidance != 1``.
 
         ``guidance`` is the Imagen scale ``w``: ``p_u + w (p_c - p_u)``; LCM/TCD's ``w'`` is
-        ``w = 1 + w'`` (docs/methods.md §1.4). Guidance needs a conditional teacher and a label.
+        ``w = 1 + w'`` (docs/methods.md §1.4). Guidance needs a conditional teacher; the
+        unconditional branch takes the null class or the teacher's ``null_condition``.
         """
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-        lab = self._labels(x, label)
-        p_c = self.apply(self.params, x, t, lab)
+        p_c = self.apply(self.params, x, t, self.condition(x, label))
         if isinstance(guidance, (int, float)) and guidance == 1.0:
             return p_c
-        if self.num_classes == 0:
+        if not self.conditional:
             raise ValueError(f"teacher {self.name!r} is unconditional: classifier-free guidance needs labels")
-        p_u = self.apply(self.params, x, t, jnp.full_like(lab, NULL_LABEL))
+        p_u = self.apply(self.params, x, t, self.null_condition_of(x))
         w = jnp.asarray(guidance, p_c.dtype)
         if w.ndim == 1:
             w = w.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -141,4 +164,17 @@ class Teacher:
         return self.path.prior_scale * jax.random.normal(rng, (n, *self.data_shape), jnp.float32)
 
 
-__all__ = ["NULL_LABEL", "Teacher"]
+def batch_condition(cond: Any, batch: int) -> Any:
+    """A conditioning pytree with every leaf's leading axis broadcast to ``batch`` (a leaf of
+    leading size 1, e.g. one null-prompt encoding, is repeated; size ``batch`` is kept)."""
+
+    def one(a):
+        a = jnp.asarray(a)
+        if a.ndim == 0 or a.shape[0] not in (1, batch):
+            raise ValueError(f"conditioning leaf of shape {tuple(a.shape)} has no batch axis of 1 or {batch}")
+        return jnp.broadcast_to(a, (batch, *a.shape[1:]))
+
+    return jax.tree.map(one, cond)
+
+
+__all__ = ["NULL_LABEL", "Teacher", "batch_condition"]

@@ -72,7 +72,7 @@ def shortcut(cfg, student: Student):
         v_fm = path.from_x0_eps("flow", x0, eps, t)
         if nb:
             tp = target_params(inputs, params, opts["bootstrap_target"], "shortcut")
-            sl = lambda a: None if a is None else a[:nb]
+            sl = lambda c: jax.tree.map(lambda a: a[:nb], c)  # class labels or a conditioning pytree
             v_b = shortcut_target(student, tp, x_t[:nb], t[:nb], d[:nb], sl(label), opts["clip"])
             target = jnp.concatenate([v_b, v_fm[nb:]], axis=0)
         else:

@@ -141,44 +141,6 @@ def test_missing_checkpoint_and_config_are_clear_errors(run, tmp_path):
         run_export(export_config(""), str(tmp_path))
 
 
-def test_export_command_line_keeps_the_runs_config(tmp_path):
-    """`--config=configs/export.py --workdir=<run>` must not overwrite the run's config.json."""
-    import subprocess
-    import sys
-
-    run = tmp_path / "run"
-    env = dict(__import__("os").environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
-    common = [sys.executable, "-m", "fewstep_jax.main"]
-    r = subprocess.run(
-        [
-            *common,
-            "--config=configs/distill.py:gmm8,traflow,4",
-            f"--workdir={run}",
-            "--config.model.width=16",
-            "--config.eval.num_samples=100",
-            "--config.testbed.num_reference=300",
-            "--config.sampler.nfes=1",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    before = (run / "config.json").read_text()
-    out = tmp_path / "exported"
-    r = subprocess.run(
-        [*common, "--config=configs/export.py", f"--workdir={run}", f"--config.export.out={out}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (run / "config.json").read_text() == before
-    assert (run / "export_config.json").exists() and (out / "fewstep.json").exists()
-
-
 def strings(tree):
     """Every string of a JSON tree, keys included."""
     if isinstance(tree, dict):
@@ -208,8 +170,11 @@ def test_command_line_export_without_torch(run, tmp_path):
     _, wd = run
     no_torch, out = ("torch", "diffusers"), tmp_path / "exported"
     args = ["--config=configs/export.py", f"--workdir={wd}"]
+    before = (wd / "config.json").read_text()
     (r,) = finish([cli([*args, f"--config.export.out={out}"], block=no_torch)])
     assert r.returncode == 0, r.stderr[-3000:]
+    # `--config=configs/export.py --workdir=<run>` must not overwrite the run's config.json
+    assert (wd / "config.json").read_text() == before and (wd / "export_config.json").exists()
     from safetensors.numpy import load_file
 
     params, _ = load_run_params(wd, "eval")

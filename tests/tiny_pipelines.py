@@ -1,5 +1,10 @@
 """Tiny random diffusers pipeline folders for the pipeline tests (nothing downloads).
 
+`build_sd(folder)` builds a StableDiffusionPipeline the same way: UNet2DConditionModel (32
+channels, one cross-attention block), the AutoencoderKL below, CLIPTextModel (width 32, 2 layers)
+and a CLIPTokenizer on a byte-level vocabulary with a few merges, a DDIMScheduler, no safety
+checker.
+
 `build_pixart(folder, sigma=False)` builds a PixArtAlphaPipeline (or PixArtSigmaPipeline) from
 random tiny components: PixArtTransformer2DModel (width 24, 1 layer, learned sigma), AutoencoderKL
 (2 blocks: 2 pixels per latent), T5EncoderModel (gated-gelu, 2 layers), a T5 tokenizer on a unigram
@@ -127,4 +132,77 @@ def build_pixart(folder: str, *, sigma: bool = False, seed: int = 0):
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(folder, safe_serialization=True)
     shutil.copy(spiece, os.path.join(folder, "tokenizer", "spiece.model"))
+    return folder, pipe
+
+
+UNET = {  # one cross-attention block and the cross-attention mid block: the smallest SD-shaped UNet
+    "block_out_channels": (32,),
+    "layers_per_block": 1,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+    "sample_size": 8,
+    "down_block_types": ("CrossAttnDownBlock2D",),
+    "up_block_types": ("CrossAttnUpBlock2D",),
+    "attention_head_dim": 4,
+}
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+CLIP_MERGES = [("a", "t</w>"), ("c", "at</w>"), ("o", "f</w>"), ("t", "h"), ("th", "e</w>")]
+
+
+def clip_tokenizer_folder(folder: str) -> str:
+    """vocab.json + merges.txt + tokenizer_config.json of a CLIP BPE tokenizer: the byte alphabet,
+    each byte with "</w>", a few merges, bos / eos (SD 1.5's layout: pad is eos, 77 tokens)."""
+    import tokenizers
+
+    alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    vocab = [*alphabet, *(a + "</w>" for a in alphabet), *(a + b for a, b in CLIP_MERGES), CLIP_BOS, CLIP_EOS]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in CLIP_MERGES))
+    config = {
+        "bos_token": CLIP_BOS,
+        "eos_token": CLIP_EOS,
+        "unk_token": CLIP_EOS,
+        "pad_token": CLIP_EOS,
+        "model_max_length": 77,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return folder
+
+
+def build_sd(folder: str, *, seed: int = 0):
+    """(folder, torch pipeline) of a tiny StableDiffusionPipeline saved into `folder`."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(clip_tokenizer_folder(folder + "_clip"))
+    text_config = transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = _perturb(transformers.CLIPTextModel(text_config), 0.1)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=_perturb(diffusers.AutoencoderKL(**VAE), 0.1),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=_perturb(diffusers.UNet2DConditionModel(**UNET), 0.05),
+        scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
     return folder, pipe

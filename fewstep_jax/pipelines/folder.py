@@ -12,11 +12,14 @@ Families (diffusers 0.42 pipelines):
                                       Transformer2DModel configs), vae, T5 text_encoder + tokenizer
                                       (120 tokens)
   pixart_sigma  PixArtSigmaPipeline   the same components, 300 tokens, no size conditions
-Planned (`PLANNED`, a UserError "not yet supported" until their entry exists): sd
-(StableDiffusionPipeline), sdxl (StableDiffusionXLPipeline), sd3 (StableDiffusion3Pipeline),
-flux (FluxPipeline). A family is one `FamilySpec`: its component folders with a loader per
-accepted component class, its text length, its prompt encoder (pipelines/prompts.py) and its
-denoiser call (`denoiser_apply`).
+  sd            StableDiffusionPipeline  unet (UNet2DConditionModel; no LCM guidance embedding,
+                                      added or class embeddings), vae, CLIPTextModel text_encoder
+                                      + CLIPTokenizer (77 tokens); the safety checker is not run
+Planned (`PLANNED`, a UserError "not yet supported" until their entry exists): sdxl
+(StableDiffusionXLPipeline), sd3 (StableDiffusion3Pipeline), flux (FluxPipeline). A family is one
+`FamilySpec`: its component folders with a loader per accepted component class, its text length,
+its prompt encoder (pipelines/prompts.py) and its denoiser call (`denoiser_apply`); the pipeline's
+other model_index entries (requires_safety_checker, ...) are kept as `options`.
 
 Schedulers: a mirrored class (DDIM, DDPM, LCM, TCD, FlowMatchEulerDiscrete) is read as it is
 saved; another class (PixArt's DPMSolverMultistepScheduler, SD's PNDMScheduler) is not mirrored:
@@ -99,6 +102,24 @@ def _t5_tokenizer(folder: str, dtype: str, variant: str | None, max_length: int 
     return load_t5_tokenizer(folder, max_length or 512)
 
 
+def _unet_condition(folder: str, dtype: str, variant: str | None, max_length: int | None) -> Component:
+    from fewstep_jax.models.unet_condition import load_unet_condition
+
+    return Component(*load_unet_condition(folder, dtype, variant=variant))
+
+
+def _clip_text(folder: str, dtype: str, variant: str | None, max_length: int | None) -> Component:
+    from fewstep_jax.models.clip_text import load_clip_text_encoder
+
+    return Component(*load_clip_text_encoder(folder, dtype, variant=variant))
+
+
+def _clip_tokenizer(folder: str, dtype: str, variant: str | None, max_length: int | None) -> Any:
+    from fewstep_jax.text.clip_tokenizer import load_clip_tokenizer
+
+    return load_clip_tokenizer(folder, max_length)
+
+
 PIXART_TRANSFORMERS: dict[str, Loader] = {
     "PixArtTransformer2DModel": _pixart_transformer,
     "Transformer2DModel": _pixart_transformer,  # PixArt-alpha folders saved before diffusers 0.28
@@ -106,6 +127,9 @@ PIXART_TRANSFORMERS: dict[str, Loader] = {
 VAES: dict[str, Loader] = {"AutoencoderKL": _vae}
 T5_ENCODERS: dict[str, Loader] = {"T5EncoderModel": _t5_encoder}
 T5_TOKENIZERS: dict[str, Loader] = {"T5Tokenizer": _t5_tokenizer, "T5TokenizerFast": _t5_tokenizer}
+UNETS: dict[str, Loader] = {"UNet2DConditionModel": _unet_condition}
+CLIP_TEXT: dict[str, Loader] = {"CLIPTextModel": _clip_text}
+CLIP_TOKENIZERS: dict[str, Loader] = {"CLIPTokenizer": _clip_tokenizer, "CLIPTokenizerFast": _clip_tokenizer}
 
 
 # ---- the denoiser call of each family ------------------------------------------------------------
@@ -127,6 +151,33 @@ def _pixart_apply(pipe: LatentPipeline) -> DenoiserFn:
     return fn
 
 
+def _unet_apply(pipe: LatentPipeline) -> DenoiserFn:
+    """UNet2DCondition on cond {"text_states"} (StableDiffusionPipeline's unet call)."""
+    module = pipe.denoiser.module
+
+    def fn(params: Any, latents: Array, timestep: Array, cond: Mapping[str, Array]) -> Array:
+        return module.apply({"params": params}, latents, timestep, cond["text_states"])
+
+    return fn
+
+
+def _check_sd(pipe: LatentPipeline) -> None:
+    """StableDiffusionPipeline's UNet takes text states only: refuse what it would need more for."""
+    unet = pipe.denoiser.module
+    extra = {
+        "time_cond_proj_dim": unet.time_cond_proj_dim,  # LCM-distilled: guidance embedding, no CFG
+        "addition_embed_type": unet.addition_embed_type,  # SDXL's text_time
+        "class_embed_type": unet.class_embed_type,
+        "num_class_embeds": unet.num_class_embeds,
+    }
+    given = {k: v for k, v in extra.items() if v is not None}
+    if given:
+        raise UserError(
+            f"{pipe.folder}/unet/config.json: {given} is not supported in a StableDiffusionPipeline "
+            "here (the sd family conditions on text states only)"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class FamilySpec:
     """What one diffusers pipeline class needs.
@@ -138,6 +189,7 @@ class FamilySpec:
     encode: the family's prompt encoder (pipelines/prompts.py), apply: its denoiser call.
     one_step_x0: the pipeline returns the step's predicted x0 when num_inference_steps == 1
       (PixArtAlphaPipeline's `scheduler.step(...)[1]`).
+    validate: raises a UserError for a loaded pipeline the family cannot run (None: no check).
     """
 
     family: str
@@ -148,6 +200,7 @@ class FamilySpec:
     apply: Callable[[LatentPipeline], DenoiserFn]
     optional: tuple[str, ...] = ()
     one_step_x0: bool = False
+    validate: Callable[[LatentPipeline], None] | None = None
 
 
 _PIXART_COMPONENTS = {
@@ -169,15 +222,21 @@ PIPELINES: dict[str, FamilySpec] = {
     "PixArtSigmaPipeline": FamilySpec(
         "pixart_sigma", "transformer", _PIXART_COMPONENTS, 300, prompts.encode_pixart, _pixart_apply
     ),
+    "StableDiffusionPipeline": FamilySpec(
+        "sd",
+        "unet",
+        {"unet": UNETS, "vae": VAES, "text_encoder": CLIP_TEXT, "tokenizer": CLIP_TOKENIZERS},
+        None,  # the tokenizer's model_max_length (77)
+        prompts.encode_sd,
+        _unet_apply,
+        validate=_check_sd,
+    ),
 }
 # families with a diffusers pipeline class but no entry yet: {class: what the entry needs}
 PLANNED: dict[str, str] = {
-    "StableDiffusionPipeline": (
-        "sd: unet (models/unet_condition.load_unet_condition), CLIPTextModel "
-        "(models/clip_text.load_clip_text_encoder) and a CLIP tokenizer (text/clip_tokenizer)"
-    ),
     "StableDiffusionXLPipeline": (
-        "sdxl: unet, two CLIP text encoders and tokenizers; cond adds 'pooled' and 'time_ids'"
+        "sdxl: unet with the text_time embedding, CLIPTextModel + CLIPTextModelWithProjection and two "
+        "CLIP tokenizers (clip_text.sdxl_text_states); cond adds 'pooled' and 'time_ids'"
     ),
     "StableDiffusion3Pipeline": "sd3: the SD3 transformer (models/sd3.py), CLIP x2 + T5 text encoders",
     "FluxPipeline": "flux: the Flux transformer, CLIP + T5 text encoders",
@@ -192,7 +251,8 @@ class LatentPipeline:
     tokenizers: {component: tokenizer}; scheduler: the project's mirror of the folder's scheduler
     (None when its class is not mirrored: `scheduler_note` says why); scheduler_config: the
     folder's scheduler_config.json as saved; index: model_index.json's {component: (library,
-    class)}; dtype: the compute dtype of every network.
+    class)}; options: its other entries (`pipeline_options`); dtype: the compute dtype of every
+    network.
     """
 
     folder: str
@@ -204,6 +264,7 @@ class LatentPipeline:
     scheduler_config: Mapping[str, Any]
     scheduler_note: str | None
     index: Mapping[str, tuple[str, str]]
+    options: Mapping[str, Any]
     dtype: str
 
     @property
@@ -231,22 +292,33 @@ class LatentPipeline:
 
 def read_model_index(folder: str) -> dict[str, tuple[str, str]]:
     """{component: (library, class name)} of `folder`/model_index.json; null components (e.g. an
-    absent safety_checker, SDXL refiner's text_encoder) and "_" keys are left out."""
+    absent safety_checker, SDXL refiner's text_encoder), "_" keys and the pipeline's own options
+    (`pipeline_options`) are left out."""
+    return _read_index(folder)[0]
+
+
+def pipeline_options(folder: str) -> dict[str, Any]:
+    """The pipeline's registered options in model_index.json: the entries that are not [library,
+    class] pairs (requires_safety_checker, SDXL's force_zeros_for_empty_prompt, ...)."""
+    return _read_index(folder)[1]
+
+
+def _read_index(folder: str) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
     path = os.path.join(folder, MODEL_INDEX)
     if not os.path.isdir(folder):
         raise UserError(f"pipeline folder {folder!r} not found")
     if not os.path.isfile(path):
         raise UserError(f"{folder!r} is not a diffusers pipeline folder: it has no {MODEL_INDEX}")
-    out = {}
+    components, options = {}, {}
     for name, value in read_json(path).items():
         if name.startswith("_"):
             continue
-        if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise UserError(f"{path}: component {name!r} must be [library, class], got {value!r}")
-        if value[0] is None or value[1] is None:
-            continue
-        out[name] = (str(value[0]), str(value[1]))
-    return out
+        pair = isinstance(value, (list, tuple)) and len(value) == 2
+        if not pair or not all(v is None or isinstance(v, str) for v in value):
+            options[name] = value
+        elif value[0] is not None and value[1] is not None:
+            components[name] = (value[0], value[1])
+    return components, options
 
 
 def pipeline_spec(pipeline_class: str | None, where: str = MODEL_INDEX) -> FamilySpec:
@@ -279,7 +351,7 @@ def load_pipeline(
     A missing component (in model_index or on disk), a component class the family has no loader
     for, or a component without safetensors weights is a UserError naming it.
     """
-    index = read_model_index(folder)
+    index, options = _read_index(folder)
     index_path = os.path.join(folder, MODEL_INDEX)
     pipeline_class = read_json(index_path).get("_class_name")
     spec = pipeline_spec(pipeline_class, index_path)
@@ -301,7 +373,7 @@ def load_pipeline(
         obj = loaders[cls](path, dtype, variant, spec.max_sequence_length)
         (models if isinstance(obj, Component) else tokenizers)[name] = obj
     sched, config, note = _read_scheduler(folder, index, scheduler)
-    return LatentPipeline(
+    pipe = LatentPipeline(
         folder=folder,
         pipeline_class=pipeline_class,
         spec=spec,
@@ -311,8 +383,12 @@ def load_pipeline(
         scheduler_config=config,
         scheduler_note=note,
         index=index,
+        options=options,
         dtype=str(dtype),
     )
+    if spec.validate is not None:
+        spec.validate(pipe)
+    return pipe
 
 
 def _read_scheduler(
@@ -371,6 +447,7 @@ __all__ = [
     "LatentPipeline",
     "denoiser_apply",
     "load_pipeline",
+    "pipeline_options",
     "pipeline_spec",
     "read_model_index",
     "rebuild_scheduler",

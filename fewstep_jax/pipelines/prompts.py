@@ -8,8 +8,8 @@ same keys and shapes (batch B = len(prompts)), the condition and the classifier-
   "text_mask"     (B, L) int32       1 = token, 0 = padding (PixArt's prompt_attention_mask)
   "resolution"    (B, 2) float32     (height, width) of the image in pixels   } PixArt-alpha with
   "aspect_ratio"  (B, 1) float32     height / width                           } sample_size 128
-Planned families add: SD nothing beyond "text_states" (no mask); SDXL "pooled" (B, P) and
-"time_ids" (B, 6); SD3 / Flux "pooled" (B, P).
+SD (StableDiffusionPipeline) has "text_states" only (CLIP last_hidden_state; no mask). Planned
+families add: SDXL "pooled" (B, P) and "time_ids" (B, 6); SD3 / Flux "pooled" (B, P).
 
 PixArt (diffusers 0.42 `PixArtAlphaPipeline.encode_prompt`, Sigma's is the same at 300 tokens):
 each text lower-cased and stripped (`_text_preprocessing` with clean_caption=False; the URL / HTML
@@ -17,6 +17,12 @@ cleaning of clean_caption=True is not done here), T5-tokenised to max_length (pa
 truncation, `</s>` at the end), encoded with the tokenizer's mask; the negative prompt (default
 "") the same way at the same length. The size conditions are those of `__call__` (after any
 resolution binning, which is the caller's: pass the final image size).
+
+SD (diffusers 0.42 `StableDiffusionPipeline.encode_prompt`): texts as given (the CLIP tokenizer
+lower-cases), padded / truncated to the tokenizer's model_max_length; the text encoder gets the
+tokenizer's mask only when its config sets use_attention_mask; clip_skip applies to the prompt
+(final_layer_norm of hidden_states[-(clip_skip + 1)]), not to the negative prompt, as there.
+Textual-inversion tokens and LoRA scales are not handled.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ def encode_prompts(
     *,
     image_size: tuple[int, int] | None = None,
     max_sequence_length: int | None = None,
+    clip_skip: int | None = None,
 ) -> tuple[Cond, Cond]:
     """(cond, null_cond) of `prompts` and `negative_prompts` (None: "" for each, diffusers'
     default; one str: repeated) for the pipeline's family (see the module docstring for the keys).
@@ -69,6 +76,7 @@ def encode_prompts(
     image_size: (height, width) in pixels, for families with size conditions (default: the
       denoiser's sample_size times the VAE factor, diffusers' default size).
     max_sequence_length: the text length (default the pipeline's: 120 PixArt-alpha, 300 Sigma).
+    clip_skip: CLIP families' layers skipped from the end for the prompt (None: the last state).
     """
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts:
@@ -82,6 +90,7 @@ def encode_prompts(
         _negatives(negative_prompts, len(texts)),
         image_size=image_size,
         max_sequence_length=max_sequence_length,
+        clip_skip=clip_skip,
     )
 
 
@@ -101,8 +110,11 @@ def encode_pixart(
     *,
     image_size: tuple[int, int] | None = None,
     max_sequence_length: int | None = None,
+    clip_skip: int | None = None,
 ) -> tuple[Cond, Cond]:
     """PixArt-alpha / Sigma: T5 states and mask of each prompt list (module docstring)."""
+    if clip_skip is not None:
+        raise UserError(f"clip_skip is an option of the CLIP text encoders, not of {pipe.pipeline_class}")
     length = int(max_sequence_length or pipe.spec.max_sequence_length)
     tokenizer = _t5_at(pipe.tokenizers["tokenizer"], length)
     encoder = pipe.models["text_encoder"]
@@ -131,4 +143,30 @@ def encode_pixart(
     return cond, null
 
 
-__all__ = ["encode_pixart", "encode_prompts"]
+def encode_sd(
+    pipe: LatentPipeline,
+    prompts: list[str],
+    negatives: list[str],
+    *,
+    image_size: tuple[int, int] | None = None,
+    max_sequence_length: int | None = None,
+    clip_skip: int | None = None,
+) -> tuple[Cond, Cond]:
+    """StableDiffusionPipeline: CLIP states of each prompt list (module docstring)."""
+    from fewstep_jax.models.clip_text import sd_text_states
+
+    tokenizer = pipe.tokenizers["tokenizer"]
+    length = int(max_sequence_length or tokenizer.max_length)
+    encoder = pipe.models["text_encoder"]
+    run = _jitted(encoder.module)
+
+    def encode(texts: list[str], skip: int | None) -> Cond:
+        tokens = tokenizer(texts, length)
+        mask = jnp.asarray(tokens["attention_mask"]) if encoder.module.use_attention_mask else None
+        out = run({"params": encoder.params}, jnp.asarray(tokens["input_ids"]), mask)
+        return {"text_states": sd_text_states(out, skip).astype(jnp.float32)}
+
+    return encode(prompts, clip_skip), encode(negatives, None)
+
+
+__all__ = ["encode_pixart", "encode_prompts", "encode_sd"]

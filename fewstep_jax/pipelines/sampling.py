@@ -3,7 +3,7 @@
 `sample(pipe, prompts, latents, num_steps, guidance_scale)`: encode the prompts (pipelines/
 prompts.py), run the scheduler mirror's loop (`SchedulerConfig.sample` / `FlowMatchConfig.sample`)
 on the classifier-free-guided denoiser, decode with the VAE. As diffusers 0.42's
-PixArtAlphaPipeline / PixArtSigmaPipeline `__call__`:
+PixArtAlphaPipeline / PixArtSigmaPipeline / StableDiffusionPipeline `__call__`:
   - guidance when guidance_scale > 1: one network call on the batch [null_cond; cond] (unconditional
     half first), eps = uncond + guidance_scale * (text - uncond);
   - the given latents times the scheduler's init_noise_sigma (1 for every mirrored scheduler);
@@ -11,7 +11,8 @@ PixArtAlphaPipeline / PixArtSigmaPipeline `__call__`:
   - decode(latents / scaling_factor (+ shift_factor)).
 Layout is NHWC: latents (B, h, w, C), images (B, h * f, w * f, 3); diffusers' are NCHW.
 Not done here: resolution binning (pass latents of the final size; diffusers' use_resolution_binning
-resizes the decoded image back), num_images_per_prompt (repeat the prompts), clean_caption.
+resizes the decoded image back), num_images_per_prompt (repeat the prompts), clean_caption, SD's
+guidance_rescale and safety checker.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def sample(
     eta: float | None = None,
     noises: Any = None,
     max_sequence_length: int | None = None,
+    clip_skip: int | None = None,
     output: str = "images",
 ) -> Array:
     """Images of `prompts` from the initial noise `latents` (B, h, w, C) NHWC, B = len(prompts).
@@ -109,6 +111,7 @@ def sample(
     num_steps: the scheduler's inference steps (one guided network call each); guidance_scale:
     CFG scale (<= 1: no guidance, the negative prompts unused); scheduler: see resolve_scheduler;
     eta / noises: the scheduler's stochasticity (DDIM eta, TCD gamma; their injected noise).
+    max_sequence_length / clip_skip: encode_prompts' options.
     output: "images" the VAE output (B, H, W, 3) in [-1, 1], not clipped; "np" diffusers'
     output_type="np" ([0, 1], clipped), as numpy; "latent" the final latents (B, h, w, C).
     """
@@ -129,6 +132,7 @@ def sample(
         negative_prompts,
         image_size=(x.shape[1] * f, x.shape[2] * f),
         max_sequence_length=max_sequence_length,
+        clip_skip=clip_skip,
     )
     guidance = guidance_scale > 1.0
     run = _guided_for(pipe, guidance)

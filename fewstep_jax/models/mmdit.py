@@ -104,6 +104,11 @@ class JointAttention(nn.Module):
       context None:   x_out (B, N, out_dim)  (self-attention over the image tokens only; no add_*
                       projections are created: SD3.5's attn2)
     Inner width heads * dim_head; every projection has a bias (SD3's bias=True).
+
+    Flux (`FluxAttention` + `FluxAttnProcessor`) uses the same projections with `text_first`
+    (the joint sequence is [text; image]), `rotary` = (cos, sin) (S, dim_head) over that sequence
+    applied to q and k after the qk norm (`apply_rotary`), and `pre_only` (no to_out_0: the
+    single-stream blocks return the (B, N, heads * dim_head) attention output unprojected).
     """
 
     heads: int
@@ -112,9 +117,13 @@ class JointAttention(nn.Module):
     qk_norm: str | None = None
     context_pre_only: bool = False
     dtype: Dtype = jnp.float32
+    text_first: bool = False
+    pre_only: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, context: Array | None = None) -> Array | tuple[Array, Array | None]:
+    def __call__(
+        self, x: Array, context: Array | None = None, rotary: tuple[Array, Array] | None = None
+    ) -> Array | tuple[Array, Array | None]:
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"JointAttention: qk_norm {self.qk_norm!r} not in {QK_NORMS}")
         b, n, dx = x.shape
@@ -131,16 +140,33 @@ class JointAttention(nn.Module):
             return out
 
         q, k, v = project(x, "to_", "", "norm_q", "norm_k")
+        m = 0 if context is None else context.shape[1]
         if context is not None:
             cq, ck, cv = project(context, "add_", "_proj", "norm_added_q", "norm_added_k")
-            q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((q, cq), (k, ck), (v, cv)))
+            pairs = ((cq, q), (ck, k), (cv, v)) if self.text_first else ((q, cq), (k, ck), (v, cv))
+            q, k, v = (jnp.concatenate(pair, axis=1) for pair in pairs)
+        if rotary is not None:
+            q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         out = dot_product_attention(q, k, v).reshape(b, -1, inner)
-        x_out = _dense(out_dim, self.dtype, "to_out_0")(out[:, :n])
+        x_part, c_part = (out[:, m:], out[:, :m]) if self.text_first else (out[:, :n], out[:, n:])
+        if self.pre_only:
+            return x_part if context is None else (x_part, c_part)
+        x_out = _dense(out_dim, self.dtype, "to_out_0")(x_part)
         if context is None:
             return x_out
         if self.context_pre_only:
             return x_out, None
-        return x_out, _dense(out_dim, self.dtype, "to_add_out")(out[:, n:])
+        return x_out, _dense(out_dim, self.dtype, "to_add_out")(c_part)
+
+
+def apply_rotary(x: Array, rotary: tuple[Array, Array]) -> Array:
+    """diffusers `apply_rotary_emb(use_real=True, use_real_unbind_dim=-1, sequence_dim=1)`:
+    x (B, S, H, D), cos / sin (S, D) (each frequency repeated for its (even, odd) pair) ->
+    x * cos + rot(x) * sin with rot pairing (x0, x1) -> (-x1, x0); float32 math, x's dtype out."""
+    cos, sin = (a.astype(jnp.float32)[None, :, None, :] for a in rotary)
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
 class AdaLayerNormZero(nn.Module):

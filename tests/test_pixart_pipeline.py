@@ -180,3 +180,25 @@ def test_one_step_no_guidance(pixart):
         )
         got = sample(jp, PROMPTS, _nhwc(latents), steps, scale, scheduler=mine, output="latent")
         assert _err(got, _nhwc(ref)) < TOL, steps
+
+
+def test_the_pipelines_teacher_driven_by_the_scheduler_is_the_pipeline(pixart):
+    """pipelines.denoiser.pipeline_teacher: the project's Teacher of the loaded pipeline (DDPM path,
+    eps; t <-> timestep, CFG with the negative prompts as its null condition) stepped by the same
+    DDIM mirror gives diffusers' final latents."""
+    from fewstep_jax.pipelines.denoiser import pipeline_teacher
+
+    pipe, jp, latents = pixart
+    ref = _call(
+        pipe, latents, prompt=PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=4,
+        guidance_scale=4.5, output_type="latent",
+    )  # fmt: skip
+    x = jnp.asarray(_nhwc(latents))
+    cond, null = encode_prompts(jp, PROMPTS, NEGATIVES, image_size=(HEIGHT, WIDTH))
+    teacher = pipeline_teacher(jp, null, x.shape[1:3])
+    assert teacher.prediction == "eps" and teacher.data_shape == (HEIGHT // 2, WIDTH // 2, 4)
+    path = teacher.path
+    predict = jax.jit(lambda xx, t: teacher.predict(xx, t, cond, guidance=4.5))
+    model_fn = lambda xx, k: predict(xx, jnp.full((xx.shape[0],), path.timestep_to_t(k)))
+    final = jp.scheduler.sample(model_fn, x, 4)
+    assert _err(final, _nhwc(ref)) < TOL

@@ -100,6 +100,34 @@ def latent_teacher(
     )
 
 
+def pipeline_teacher(
+    pipe: Any, null_condition: Any, latent_size: tuple[int, int], scheduler: Any = None
+) -> Teacher:
+    """The latent teacher of a loaded pipeline (``pipelines.folder.load_pipeline``): its denoiser
+    call and params, the path and prediction kind of its scheduler (or ``scheduler``: a class name
+    such as "ddim" or a mirror object, see ``pipelines.sampling.resolve_scheduler``).
+
+    null_condition: the empty / negative prompt's conditioning (``encode_prompts``' second
+    output); latent_size: (h, w) of one latent (the image size over ``pipe.vae_scale_factor``).
+    """
+    from fewstep_jax.pipelines.folder import denoiser_apply
+    from fewstep_jax.pipelines.sampling import resolve_scheduler
+
+    sched = resolve_scheduler(pipe, scheduler)
+    path, prediction = path_of_scheduler(sched)
+    shape = (*latent_size, pipe.denoiser.module.in_channels)
+    return latent_teacher(
+        denoiser_apply(pipe),
+        pipe.denoiser.params,
+        path,
+        prediction,
+        shape,
+        null_condition,
+        name=pipe.pipeline_class,
+        num_train_timesteps=sched.num_train_timesteps,
+    )
+
+
 def latent_student_apply(denoise: Denoise, path: Path, num_train_timesteps: int = 1000) -> Callable:
     """The :class:`~fewstep_jax.students.Student` ``apply`` of a denoiser (a full fine-tune or a
     LoRA of the teacher's network): no ``s`` or ``num_steps`` input; a guidance input (B,) is
@@ -113,4 +141,11 @@ def latent_student_apply(denoise: Denoise, path: Path, num_train_timesteps: int 
     return apply
 
 
-__all__ = ["PREDICTIONS", "diffusers_timestep", "latent_student_apply", "latent_teacher", "path_of_scheduler"]
+__all__ = [
+    "PREDICTIONS",
+    "diffusers_timestep",
+    "latent_student_apply",
+    "latent_teacher",
+    "path_of_scheduler",
+    "pipeline_teacher",
+]

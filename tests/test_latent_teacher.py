@@ -138,3 +138,21 @@ def test_methods_run_on_the_latent_teacher_with_a_conditioning_pytree(small, nam
     assert all(np.all(np.asarray(v) == 0) for v in jax.tree.leaves(g_t)), "teacher received gradient"
     assert all(np.all(np.asarray(v) == 0) for v in jax.tree.leaves(g_f)), "fake / EMA received gradient"
     assert sum(float(jnp.abs(v).sum()) for v in jax.tree.leaves(g_s)) > 0, "student received no gradient"
+
+
+def test_teacher_table_solvers_take_a_conditioning_pytree(small):
+    """The teacher table's diffusers solvers run batch by batch on the latent teacher: the rows of
+    the conditioning pytree follow the rows of the noise."""
+    from fewstep_jax.evaluation.teacher_solvers import diffusers_sampler
+
+    params, denoise = small
+    teacher = latent_teacher(denoise, params, DDPM(), "eps", (HW, HW, C), _cond(12, 1))
+    cond = jax.tree.map(np.asarray, _cond(13))
+    x1 = np.asarray(_x(14))
+    whole = diffusers_sampler(teacher, "diffusers_ddim", batch_size=2, label=cond, guidance=3.0)(x1, 2)
+    rows = diffusers_sampler(teacher, "diffusers_ddim", batch_size=1, label=cond, guidance=3.0)(x1, 2)
+    np.testing.assert_allclose(rows, whole, rtol=1e-5, atol=1e-5)
+    one = diffusers_sampler(
+        teacher, "diffusers_ddim", label=jax.tree.map(lambda a: a[1:], cond), guidance=3.0
+    )
+    np.testing.assert_allclose(one(x1[1:], 2), whole[1:], rtol=1e-5, atol=1e-5)

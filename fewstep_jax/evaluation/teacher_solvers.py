@@ -30,6 +30,7 @@ from fewstep_jax.metrics import sample_distances
 from fewstep_jax.paths import DDPM
 from fewstep_jax.schedules.scheduler_config import SchedulerConfig, read_scheduler_config
 from fewstep_jax.solvers import default_grid
+from fewstep_jax.teachers.base import condition_rows
 from fewstep_jax.testbeds.exact import ExactTestbed
 
 
@@ -59,7 +60,7 @@ def solve_batched(
                 jnp.asarray(grid),
                 method,
                 euler_into_data,
-                None if label is None else jnp.asarray(label[i : i + batch_size], jnp.int32),
+                condition_rows(label, i, i + batch_size),
                 float(guidance),
             )
         )
@@ -186,7 +187,7 @@ def diffusers_sampler(
             xb = jnp.asarray(x1[i : i + batch_size]) * scale
             key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
             noises = jax.random.normal(key, (nfe, *xb.shape), jnp.float32)
-            lab = None if label is None else jnp.asarray(label[i : i + batch_size], jnp.int32)
+            lab = condition_rows(label, i, i + batch_size)
             y = _scheduler_solve(teacher, xb, noises, scfg, nfe, eta, clipped, kind, lab, float(guidance))
             out.append(np.asarray(y))
         return np.concatenate(out)

@@ -19,7 +19,7 @@ guidance and an absent condition use. The losses pass either kind through unchan
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.struct
@@ -177,4 +177,14 @@ def batch_condition(cond: Any, batch: int) -> Any:
     return jax.tree.map(one, cond)
 
 
-__all__ = ["NULL_LABEL", "Teacher", "batch_condition"]
+def condition_rows(label: Any, lo: int, hi: int) -> Any:
+    """Rows ``lo:hi`` of a condition: class labels as int32, or every leaf of a conditioning
+    pytree (None stays None), for evaluating a teacher batch by batch."""
+    if label is None:
+        return None
+    if isinstance(label, Mapping):
+        return jax.tree.map(lambda a: jnp.asarray(a[lo:hi]), label)
+    return jnp.asarray(label[lo:hi], jnp.int32)
+
+
+__all__ = ["NULL_LABEL", "Teacher", "batch_condition", "condition_rows"]

@@ -335,9 +335,10 @@ class FluxTransformer2D(nn.Module):
         else:
             temb = CombinedTimestepTextProjEmbeddings(d, dtype, name="time_text_embed")(t, pooled_projections)
         context = _dense(d, dtype, "context_embedder")(encoder_hidden_states.astype(dtype))
-        ids = jnp.concatenate([jnp.asarray(txt_ids), jnp.asarray(img_ids)], axis=0)
-        if not isinstance(txt_ids, jax.core.Tracer) and not isinstance(img_ids, jax.core.Tracer):
-            ids = np.concatenate([np.asarray(txt_ids, np.float32), np.asarray(img_ids, np.float32)])
+        # numpy keeps concrete ids concrete, so flux_rotary can take its float64 path
+        traced = any(isinstance(i, jax.core.Tracer) for i in (txt_ids, img_ids))
+        xp = jnp if traced else np
+        ids = xp.concatenate([xp.asarray(txt_ids, xp.float32), xp.asarray(img_ids, xp.float32)], axis=0)
         rotary = flux_rotary(ids, self.axes_dims_rope)
 
         double = nn.remat(FluxTransformerBlock) if self.remat else FluxTransformerBlock

@@ -5,6 +5,10 @@ channels, one cross-attention block), the AutoencoderKL below, CLIPTextModel (wi
 and a CLIPTokenizer on a byte-level vocabulary with a few merges, a DDIMScheduler, no safety
 checker.
 
+`build_sdxl(folder)` builds a StableDiffusionXLPipeline: two CLIP text encoders (the second
+WithProjection) and tokenizers (the second padding with "!"), a text_time UNet, the same VAE, an
+unclipped DDIMScheduler (SDXL's EulerDiscreteScheduler is not mirrored), no watermarker.
+
 `build_pixart(folder, sigma=False)` builds a PixArtAlphaPipeline (or PixArtSigmaPipeline) from
 random tiny components: PixArtTransformer2DModel (width 24, 1 layer, learned sigma), AutoencoderKL
 (2 blocks: 2 pixels per latent), T5EncoderModel (gated-gelu, 2 layers), a T5 tokenizer on a unigram
@@ -202,6 +206,77 @@ def build_sd(folder: str, *, seed: int = 0):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder, pipe
+
+
+SDXL_UNET = {  # SDXL's shape at its smallest: text_time added embedding, linear projections
+    "block_out_channels": (32,),
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 8,
+    "down_block_types": ("CrossAttnDownBlock2D",),
+    "up_block_types": ("CrossAttnUpBlock2D",),
+    "attention_head_dim": 4,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+}
+SDXL_CLIP = ({"hidden_size": 32, "num_attention_heads": 4}, {"hidden_size": 24, "num_attention_heads": 2})
+SDXL_PROJECTION_DIM = 16
+
+
+def build_sdxl(folder: str, *, seed: int = 0, force_zeros_for_empty_prompt: bool = True):
+    """(folder, torch pipeline) of a tiny StableDiffusionXLPipeline saved into `folder`:
+    CLIPTextModel (width 32) + CLIPTextModelWithProjection (width 24, gelu, projection 16), two
+    CLIP tokenizers (the second pads with "!", as SDXL's), a UNet with cross_attention_dim 32 + 24
+    and projection_class_embeddings_input_dim 6 * 8 + 16, the VAE above, a DDIMScheduler (SDXL
+    folders ship EulerDiscreteScheduler, which the project does not mirror), no watermark."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(clip_tokenizer_folder(folder + "_clip"))
+    tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(
+        clip_tokenizer_folder(folder + "_clip2"), pad_token="!"
+    )
+
+    def config(i: int) -> transformers.CLIPTextConfig:
+        return transformers.CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            intermediate_size=37,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            projection_dim=SDXL_PROJECTION_DIM,
+            hidden_act="quick_gelu" if i == 0 else "gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **SDXL_CLIP[i],
+        )
+
+    text_encoder = _perturb(transformers.CLIPTextModel(config(0)), 0.1)
+    text_encoder_2 = _perturb(transformers.CLIPTextModelWithProjection(config(1)), 0.1)
+    unet = diffusers.UNet2DConditionModel(
+        **SDXL_UNET,
+        cross_attention_dim=sum(c["hidden_size"] for c in SDXL_CLIP),
+        projection_class_embeddings_input_dim=6 * SDXL_UNET["addition_time_embed_dim"] + SDXL_PROJECTION_DIM,
+    )
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=_perturb(diffusers.AutoencoderKL(**VAE), 0.1),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=_perturb(unet, 0.05),
+        # unclipped x0 (SDXL's Euler does not clip), so the final latents are the model's
+        scheduler=diffusers.DDIMScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
+        ),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(folder, safe_serialization=True)

@@ -15,8 +15,14 @@ Families (diffusers 0.42 pipelines):
   sd            StableDiffusionPipeline  unet (UNet2DConditionModel; no LCM guidance embedding,
                                       added or class embeddings), vae, CLIPTextModel text_encoder
                                       + CLIPTokenizer (77 tokens); the safety checker is not run
-Planned (`PLANNED`, a UserError "not yet supported" until their entry exists): sdxl
-(StableDiffusionXLPipeline), sd3 (StableDiffusion3Pipeline), flux (FluxPipeline). A family is one
+  sdxl          StableDiffusionXLPipeline  unet (UNet2DConditionModel with addition_embed_type
+                                      "text_time"), vae (no latents_mean / latents_std),
+                                      CLIPTextModel text_encoder + CLIPTokenizer (both optional:
+                                      null in model_index gives encoder 2 alone, as diffusers),
+                                      CLIPTextModelWithProjection text_encoder_2 + tokenizer_2;
+                                      the invisible watermark is not applied
+Planned (`PLANNED`, a UserError "not yet supported" until their entry exists): sd3
+(StableDiffusion3Pipeline), flux (FluxPipeline). A family is one
 `FamilySpec`: its component folders with a loader per accepted component class, its text length,
 its prompt encoder (pipelines/prompts.py) and its denoiser call (`denoiser_apply`); the pipeline's
 other model_index entries (requires_safety_checker, ...) are kept as `options`.
@@ -129,6 +135,7 @@ T5_ENCODERS: dict[str, Loader] = {"T5EncoderModel": _t5_encoder}
 T5_TOKENIZERS: dict[str, Loader] = {"T5Tokenizer": _t5_tokenizer, "T5TokenizerFast": _t5_tokenizer}
 UNETS: dict[str, Loader] = {"UNet2DConditionModel": _unet_condition}
 CLIP_TEXT: dict[str, Loader] = {"CLIPTextModel": _clip_text}
+CLIP_TEXT_PROJ: dict[str, Loader] = {"CLIPTextModelWithProjection": _clip_text}
 CLIP_TOKENIZERS: dict[str, Loader] = {"CLIPTokenizer": _clip_tokenizer, "CLIPTokenizerFast": _clip_tokenizer}
 
 
@@ -159,6 +166,62 @@ def _unet_apply(pipe: LatentPipeline) -> DenoiserFn:
         return module.apply({"params": params}, latents, timestep, cond["text_states"])
 
     return fn
+
+
+def _sdxl_apply(pipe: LatentPipeline) -> DenoiserFn:
+    """UNet2DCondition on cond {"text_states", "pooled", "time_ids"} (StableDiffusionXLPipeline's
+    unet call: added_cond_kwargs {"text_embeds": pooled, "time_ids": time_ids})."""
+    module = pipe.denoiser.module
+
+    def fn(params: Any, latents: Array, timestep: Array, cond: Mapping[str, Array]) -> Array:
+        added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
+        return module.apply({"params": params}, latents, timestep, cond["text_states"], added)
+
+    return fn
+
+
+def _check_sdxl(pipe: LatentPipeline) -> None:
+    """StableDiffusionXLPipeline's UNet: the text_time added embedding of pooled (text_encoder_2's
+    projection) + 6 time ids, cross-attention on both encoders' states; refuse anything else."""
+    unet = pipe.denoiser.module
+    where = f"{pipe.folder}/unet/config.json"
+    extra = {
+        "time_cond_proj_dim": unet.time_cond_proj_dim,
+        "class_embed_type": unet.class_embed_type,
+        "num_class_embeds": unet.num_class_embeds,
+    }
+    given = {k: v for k, v in extra.items() if v is not None}
+    if unet.addition_embed_type != "text_time":
+        given["addition_embed_type"] = unet.addition_embed_type
+    if given:
+        raise UserError(
+            f"{where}: {given} is not supported in a StableDiffusionXLPipeline here (the sdxl family "
+            'needs addition_embed_type="text_time" and no class or guidance embedding)'
+        )
+    vae = pipe.vae.module
+    if vae.latents_mean is not None or vae.latents_std is not None:
+        raise UserError(
+            f"{pipe.folder}/vae/config.json: latents_mean / latents_std are not supported here "
+            "(the sdxl family decodes latents / scaling_factor)"
+        )
+    encoder2 = pipe.models["text_encoder_2"].module
+    if encoder2.projection_dim is None:
+        raise UserError(f"{pipe.folder}/text_encoder_2 has no text_projection (CLIPTextModelWithProjection)")
+    # diffusers' _get_add_time_ids check, made at load instead of at the first call
+    passed = unet.addition_time_embed_dim * 6 + encoder2.projection_dim
+    if passed != unet.projection_class_embeddings_input_dim:
+        raise UserError(
+            f"{where}: projection_class_embeddings_input_dim {unet.projection_class_embeddings_input_dim} "
+            f"!= 6 time ids x addition_time_embed_dim {unet.addition_time_embed_dim} + text_encoder_2 "
+            f"projection_dim {encoder2.projection_dim} = {passed}"
+        )
+    width = sum(m.module.hidden_size for m in pipe.text_encoders)
+    dims = unet.cross_attention_dim
+    if any(d != width for d in (dims if isinstance(dims, (list, tuple)) else [dims])):
+        raise UserError(
+            f"{where}: cross_attention_dim {unet.cross_attention_dim} != the text encoders' widths "
+            f"summed ({width})"
+        )
 
 
 def _check_sd(pipe: LatentPipeline) -> None:
@@ -231,13 +294,26 @@ PIPELINES: dict[str, FamilySpec] = {
         _unet_apply,
         validate=_check_sd,
     ),
+    "StableDiffusionXLPipeline": FamilySpec(
+        "sdxl",
+        "unet",
+        {
+            "unet": UNETS,
+            "vae": VAES,
+            "text_encoder": CLIP_TEXT,
+            "tokenizer": CLIP_TOKENIZERS,
+            "text_encoder_2": CLIP_TEXT_PROJ,
+            "tokenizer_2": CLIP_TOKENIZERS,
+        },
+        None,  # each tokenizer's model_max_length (77)
+        prompts.encode_sdxl,
+        _sdxl_apply,
+        optional=("text_encoder", "tokenizer"),
+        validate=_check_sdxl,
+    ),
 }
 # families with a diffusers pipeline class but no entry yet: {class: what the entry needs}
 PLANNED: dict[str, str] = {
-    "StableDiffusionXLPipeline": (
-        "sdxl: unet with the text_time embedding, CLIPTextModel + CLIPTextModelWithProjection and two "
-        "CLIP tokenizers (clip_text.sdxl_text_states); cond adds 'pooled' and 'time_ids'"
-    ),
     "StableDiffusion3Pipeline": "sd3: the SD3 transformer (models/sd3.py), CLIP x2 + T5 text encoders",
     "FluxPipeline": "flux: the Flux transformer, CLIP + T5 text encoders",
 }

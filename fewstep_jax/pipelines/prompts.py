@@ -8,8 +8,12 @@ same keys and shapes (batch B = len(prompts)), the condition and the classifier-
   "text_mask"     (B, L) int32       1 = token, 0 = padding (PixArt's prompt_attention_mask)
   "resolution"    (B, 2) float32     (height, width) of the image in pixels   } PixArt-alpha with
   "aspect_ratio"  (B, 1) float32     height / width                           } sample_size 128
-SD (StableDiffusionPipeline) has "text_states" only (CLIP last_hidden_state; no mask). Planned
-families add: SDXL "pooled" (B, P) and "time_ids" (B, 6); SD3 / Flux "pooled" (B, P).
+SD (StableDiffusionPipeline) has "text_states" only (CLIP last_hidden_state; no mask). SDXL
+(StableDiffusionXLPipeline) has no mask either, and:
+  "text_states"   (B, 77, D1 + D2) float32  both CLIP encoders' hidden_states[-2], concatenated
+  "pooled"        (B, P) float32     text_embeds of text_encoder_2 (its projection, P wide)
+  "time_ids"      (B, 6) float32     original_size + crops_coords_top_left + target_size
+Planned families add: SD3 / Flux "pooled" (B, P).
 
 PixArt (diffusers 0.42 `PixArtAlphaPipeline.encode_prompt`, Sigma's is the same at 300 tokens):
 each text lower-cased and stripped (`_text_preprocessing` with clean_caption=False; the URL / HTML
@@ -23,6 +27,16 @@ lower-cases), padded / truncated to the tokenizer's model_max_length; the text e
 tokenizer's mask only when its config sets use_attention_mask; clip_skip applies to the prompt
 (final_layer_norm of hidden_states[-(clip_skip + 1)]), not to the negative prompt, as there.
 Textual-inversion tokens and LoRA scales are not handled.
+
+SDXL (diffusers 0.42 `StableDiffusionXLPipeline.encode_prompt` and `_get_add_time_ids`): the same
+text to both tokenizers (no separate prompt_2 / negative_prompt_2), each at its model_max_length
+(tokenizer_2 pads with "!"), no attention mask; text_states = concat(h1[-2], h2[-2]) (clip_skip:
+hidden_states[-(clip_skip + 2)], prompt only), pooled = text_embeds of encoder 2. Negative prompts
+None with the model_index option force_zeros_for_empty_prompt (default True): null_cond's
+text_states and pooled are zeros; else the negatives ("" for None) are encoded the same way.
+time_ids = (H, W, 0, 0, H, W) for an image of (H, W) = image_size (default the UNet's sample_size
+times the VAE factor), the same in null_cond (diffusers' defaults: original_size = target_size =
+(H, W), crops (0, 0)); `sdxl_time_ids` builds other values.
 """
 
 from __future__ import annotations
@@ -50,9 +64,10 @@ def _jitted(module: Any) -> Any:
     return jax.jit(module.apply)
 
 
-def _negatives(negative_prompts: str | Sequence[str] | None, batch: int) -> list[str]:
+def _negatives(negative_prompts: str | Sequence[str] | None, batch: int) -> list[str] | None:
+    """None stays None (SDXL tells it from ""); the encoders read it as "" for each prompt."""
     if negative_prompts is None:
-        return [""] * batch
+        return None
     if isinstance(negative_prompts, str):
         return [negative_prompts] * batch
     negatives = list(negative_prompts)
@@ -71,7 +86,8 @@ def encode_prompts(
     clip_skip: int | None = None,
 ) -> tuple[Cond, Cond]:
     """(cond, null_cond) of `prompts` and `negative_prompts` (None: "" for each, diffusers'
-    default; one str: repeated) for the pipeline's family (see the module docstring for the keys).
+    default, or SDXL's zeros with force_zeros_for_empty_prompt; one str: repeated) for the
+    pipeline's family (see the module docstring for the keys).
 
     image_size: (height, width) in pixels, for families with size conditions (default: the
       denoiser's sample_size times the VAE factor, diffusers' default size).
@@ -106,13 +122,14 @@ def _t5_at(tokenizer: Any, max_length: int) -> Any:
 def encode_pixart(
     pipe: LatentPipeline,
     prompts: list[str],
-    negatives: list[str],
+    negatives: list[str] | None,
     *,
     image_size: tuple[int, int] | None = None,
     max_sequence_length: int | None = None,
     clip_skip: int | None = None,
 ) -> tuple[Cond, Cond]:
     """PixArt-alpha / Sigma: T5 states and mask of each prompt list (module docstring)."""
+    negatives = negatives or [""] * len(prompts)
     if clip_skip is not None:
         raise UserError(f"clip_skip is an option of the CLIP text encoders, not of {pipe.pipeline_class}")
     length = int(max_sequence_length or pipe.spec.max_sequence_length)
@@ -146,13 +163,14 @@ def encode_pixart(
 def encode_sd(
     pipe: LatentPipeline,
     prompts: list[str],
-    negatives: list[str],
+    negatives: list[str] | None,
     *,
     image_size: tuple[int, int] | None = None,
     max_sequence_length: int | None = None,
     clip_skip: int | None = None,
 ) -> tuple[Cond, Cond]:
     """StableDiffusionPipeline: CLIP states of each prompt list (module docstring)."""
+    negatives = negatives or [""] * len(prompts)
     from fewstep_jax.models.clip_text import sd_text_states
 
     tokenizer = pipe.tokenizers["tokenizer"]
@@ -169,4 +187,61 @@ def encode_sd(
     return encode(prompts, clip_skip), encode(negatives, None)
 
 
-__all__ = ["encode_pixart", "encode_prompts", "encode_sd"]
+def sdxl_time_ids(
+    batch: int,
+    original_size: tuple[int, int],
+    crops_coords_top_left: tuple[int, int] = (0, 0),
+    target_size: tuple[int, int] | None = None,
+) -> Array:
+    """(batch, 6) float32 add_time_ids of StableDiffusionXLPipeline._get_add_time_ids:
+    original_size + crops_coords_top_left + target_size (default original_size), (height, width)
+    pairs in pixels, (top, left) for the crop."""
+    target = original_size if target_size is None else target_size
+    ids = [*original_size, *crops_coords_top_left, *target]
+    return jnp.asarray(np.tile(np.asarray(ids, np.float32), (batch, 1)))
+
+
+def encode_sdxl(
+    pipe: LatentPipeline,
+    prompts: list[str],
+    negatives: list[str] | None,
+    *,
+    image_size: tuple[int, int] | None = None,
+    max_sequence_length: int | None = None,
+    clip_skip: int | None = None,
+) -> tuple[Cond, Cond]:
+    """StableDiffusionXLPipeline: both CLIP encoders' states, encoder 2's pooled projection, and
+    the size conditions of each prompt list (module docstring)."""
+    from fewstep_jax.models.clip_text import sdxl_text_states
+
+    # text_encoder / tokenizer null in model_index: encoder 2 alone, as diffusers does
+    pairs = [
+        (pipe.models.get(enc), pipe.tokenizers.get(tok))
+        for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+    ]
+    pairs = [(e, t) for e, t in pairs if e is not None and t is not None]
+
+    def encode(texts: list[str], skip: int | None) -> Cond:
+        outs = []
+        for encoder, tokenizer in pairs:
+            length = int(max_sequence_length or tokenizer.max_length)
+            ids = jnp.asarray(tokenizer(texts, length)["input_ids"])
+            outs.append(_jitted(encoder.module)({"params": encoder.params}, ids, None))
+        states, pooled = sdxl_text_states(outs[0] if len(outs) == 2 else None, outs[-1], skip)
+        return {"text_states": states.astype(jnp.float32), "pooled": pooled.astype(jnp.float32)}
+
+    cond = encode(prompts, clip_skip)
+    if negatives is None and pipe.options.get("force_zeros_for_empty_prompt", True):
+        null = {k: jnp.zeros_like(v) for k, v in cond.items()}
+    else:
+        null = encode(negatives or [""] * len(prompts), None)
+    if image_size is None:  # diffusers' default_sample_size: the UNet's, 128 when unset
+        side = pipe.denoiser.module.sample_size or 128
+        sides = side if isinstance(side, (list, tuple)) else (side, side)
+        image_size = (sides[0] * pipe.vae_scale_factor, sides[1] * pipe.vae_scale_factor)
+    size = (int(image_size[0]), int(image_size[1]))
+    time_ids = sdxl_time_ids(len(prompts), size)
+    return {**cond, "time_ids": time_ids}, {**null, "time_ids": time_ids}
+
+
+__all__ = ["encode_pixart", "encode_prompts", "encode_sd", "encode_sdxl", "sdxl_time_ids"]

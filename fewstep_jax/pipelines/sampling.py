@@ -3,16 +3,21 @@
 `sample(pipe, prompts, latents, num_steps, guidance_scale)`: encode the prompts (pipelines/
 prompts.py), run the scheduler mirror's loop (`SchedulerConfig.sample` / `FlowMatchConfig.sample`)
 on the classifier-free-guided denoiser, decode with the VAE. As diffusers 0.42's
-PixArtAlphaPipeline / PixArtSigmaPipeline / StableDiffusionPipeline `__call__`:
+PixArtAlphaPipeline / PixArtSigmaPipeline / StableDiffusionPipeline / StableDiffusionXLPipeline
+`__call__`:
   - guidance when guidance_scale > 1: one network call on the batch [null_cond; cond] (unconditional
     half first), eps = uncond + guidance_scale * (text - uncond);
   - the given latents times the scheduler's init_noise_sigma (1 for every mirrored scheduler);
+  - SDXL's added conditions (pooled, time_ids of the latents' image size) are in cond / null_cond
+    and doubled with them; its size conditions are the defaults (original = target = image size,
+    crops (0, 0)); other values: build cond["time_ids"] with `prompts.sdxl_time_ids` and run
+    `guided` yourself;
   - PixArt-alpha with one step returns the step's predicted x0 (`scheduler.step(...)[1]`);
   - decode(latents / scaling_factor (+ shift_factor)).
 Layout is NHWC: latents (B, h, w, C), images (B, h * f, w * f, 3); diffusers' are NCHW.
 Not done here: resolution binning (pass latents of the final size; diffusers' use_resolution_binning
 resizes the decoded image back), num_images_per_prompt (repeat the prompts), clean_caption, SD's
-guidance_rescale and safety checker.
+guidance_rescale (also SDXL's) and safety checker, SDXL's denoising_end, prompt_2 and watermark.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`python -m fewstep_jax.main` trains a teacher: checkpoints, TensorBoard events, metrics.jsonl,
-report; a rerun resumes; a SIGKILLed run resumes to the uninterrupted params; 2 processes x 4
-devices match 1 process x 8 devices."""
+report; a rerun resumes; (slow) a SIGKILLed run resumes to the uninterrupted params and 2
+processes x 4 devices match 1 process x 8 devices."""
 
 import os
 import queue
@@ -92,6 +92,9 @@ def test_rerun_resumes_instead_of_restarting(reference):
     assert [r for r in rows[before:] if "loss" in r] == []
 
 
+# slow: tests/test_checkpoints.py SIGKILLs (and SIGTERMs) a real training worker mid-run in the
+# default suite and checks the resumed params; this one is the same through the whole main loop.
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_params(reference, tmp_path):
     cmd = [
         sys.executable,

@@ -35,13 +35,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from fewstep_jax.errors import UserError
 from fewstep_jax.models.attention import dot_product_attention
 from fewstep_jax.models.embeddings import DTYPES, Dtype, compute_dtype
 from fewstep_jax.models.hf_config import read_options
-from fewstep_jax.models.state_dict import params_from_torch, params_to_torch
+from fewstep_jax.models.state_dict import abstract_param_shapes, params_from_torch, params_to_torch
 
 Array = jax.Array
 
@@ -453,8 +452,7 @@ def _dtype_name(dtype: Any) -> str:
 def param_shapes(module: CLIPTextEncoder) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{Flax param path: shape} of `module` (abstract: no compile, no allocation)."""
     ids = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids))["params"]
-    return {p: tuple(v.shape) for p, v in traverse_util.flatten_dict(shapes).items()}
+    return abstract_param_shapes(lambda: module.init(jax.random.PRNGKey(0), ids))
 
 
 def params_from_state_dict(

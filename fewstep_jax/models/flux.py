@@ -45,7 +45,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from fewstep_jax.errors import UserError
 from fewstep_jax.models.attention import FeedForward
@@ -61,7 +60,7 @@ from fewstep_jax.models.mmdit import (
     JointAttention,
     TextProjection,
 )
-from fewstep_jax.models.state_dict import params_from_torch, params_to_torch
+from fewstep_jax.models.state_dict import abstract_param_shapes, params_from_torch, params_to_torch
 
 Array = jax.Array
 Rotary = tuple[Array, Array]
@@ -418,8 +417,7 @@ def example_inputs(module: FluxTransformer2D, batch: int = 1, seq_len: int = 1) 
 
 def param_shapes(module: FluxTransformer2D) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{Flax param path: shape} of `module` (abstract: no compile, no allocation)."""
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), **example_inputs(module)))["params"]
-    return {p: tuple(v.shape) for p, v in traverse_util.flatten_dict(shapes).items()}
+    return abstract_param_shapes(lambda: module.init(jax.random.PRNGKey(0), **example_inputs(module)))
 
 
 def load_flux_transformer(
@@ -438,12 +436,9 @@ def load_flux_transformer(
         read_json(config_path), dtype=dtype, remat=remat, what=f"{config_path} (FluxTransformer2DModel)"
     )
     state = load_component_weights(folder, variant)
-    try:
-        params = params_from_torch(
-            state, param_shapes(module), FLUX_LIST_NAMES, what=weights_file(folder, variant)
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    params = params_from_torch(
+        state, param_shapes(module), FLUX_LIST_NAMES, what=weights_file(folder, variant)
+    )
     return module, params
 
 

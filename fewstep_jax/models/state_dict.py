@@ -9,12 +9,15 @@ Example: `down_blocks_0/resnets_0/conv1/kernel` <-> `down_blocks.0.resnets.0.con
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from fewstep_jax.errors import UserError
 
 _LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -55,6 +58,13 @@ def params_to_torch(params: Any, list_names: Collection[str]) -> dict[str, np.nd
     return out
 
 
+def abstract_param_shapes(init: Callable[[], Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{Flax param path: shape} of the "params" that ``init()`` (a module's ``init`` call with
+    its smallest inputs) creates, evaluated abstractly: no compile, no allocation."""
+    tree = jax.eval_shape(init)["params"]
+    return {p: tuple(v.shape) for p, v in traverse_util.flatten_dict(tree).items()}
+
+
 def params_from_torch(
     state: Mapping[str, Any],
     shapes: Mapping[tuple[str, ...], tuple[int, ...]],
@@ -65,22 +75,23 @@ def params_from_torch(
 ) -> dict[str, Any]:
     """{torch key: array} -> Flax params with the paths and (Flax-layout) shapes of `shapes`.
 
-    shapes: {Flax path: shape}, e.g. from `jax.eval_shape(model.init, ...)`. A key the model
-    needs but `state` lacks, a key it does not know, or a tensor of another shape is a
-    ValueError naming the keys and `what` (e.g. "unet/diffusion_pytorch_model.safetensors").
+    shapes: {Flax path: shape}, e.g. from :func:`abstract_param_shapes`. A key the model needs
+    but `state` lacks, a key it does not know, or a tensor of another shape is a UserError (the
+    weights do not fit their config) naming the keys and `what` (e.g.
+    "unet/diffusion_pytorch_model.safetensors").
     """
     by_key = {torch_key(p, list_names): p for p in shapes}
     missing = sorted(set(by_key) - set(state))
     unexpected = sorted(set(state) - set(by_key))
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{what} does not match the model config: missing keys {missing}, unexpected keys {unexpected}"
         )
     flat = {}
     for key, path in by_key.items():
         arr = _to_flax_layout(path[-1], np.asarray(state[key], np.float32))
         if tuple(arr.shape) != tuple(shapes[path]):
-            raise ValueError(
+            raise UserError(
                 f"shape mismatch at {key!r} in {what}: {tuple(np.shape(state[key]))} does not give "
                 f"the config's {tuple(shapes[path])} (Flax layout)"
             )

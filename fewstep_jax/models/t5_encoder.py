@@ -43,13 +43,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from fewstep_jax.errors import UserError
 from fewstep_jax.models.attention import dot_product_attention
 from fewstep_jax.models.embeddings import DTYPES, compute_dtype
 from fewstep_jax.models.hf_config import read_options
-from fewstep_jax.models.state_dict import params_from_torch, params_to_torch, torch_key
+from fewstep_jax.models.state_dict import abstract_param_shapes, params_from_torch, params_to_torch, torch_key
 
 Array = jax.Array
 
@@ -430,8 +429,7 @@ def t5_encoder_from_config(
 def param_shapes(module: T5Encoder) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{Flax param path: shape} of `module` (abstract: no compile, no allocation)."""
     ids = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids))["params"]
-    return {p: tuple(v.shape) for p, v in traverse_util.flatten_dict(shapes).items()}
+    return abstract_param_shapes(lambda: module.init(jax.random.PRNGKey(0), ids))
 
 
 def t5_params_from_torch(
@@ -445,10 +443,7 @@ def t5_params_from_torch(
     if TIED_KEY in state:
         tied = state.pop(TIED_KEY)
         state.setdefault("shared.weight", tied)
-    try:
-        return params_from_torch(state, param_shapes(module), T5_LIST_NAMES, what=what)
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    return params_from_torch(state, param_shapes(module), T5_LIST_NAMES, what=what)
 
 
 def load_t5_encoder(

@@ -32,14 +32,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from fewstep_jax.errors import UserError
 from fewstep_jax.models.attention import TRANSFORMER_LIST_NAMES, Transformer2DModel
 from fewstep_jax.models.embeddings import DTYPES, Dtype, TimestepEmbedding, compute_dtype, timestep_embedding
 from fewstep_jax.models.hf_config import read_options
 from fewstep_jax.models.layers import DownsampleConv, ResnetBlock2D, UpsampleConv, conv, group_norm
-from fewstep_jax.models.state_dict import params_from_torch, params_to_torch, torch_key
+from fewstep_jax.models.state_dict import abstract_param_shapes, params_from_torch, params_to_torch, torch_key
 
 Array = jax.Array
 
@@ -628,8 +627,7 @@ def example_inputs(module: UNet2DCondition, batch: int = 1, seq_len: int = 1) ->
 
 def param_shapes(module: UNet2DCondition) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{Flax param path: shape} of `module` (abstract: no compile, no allocation)."""
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), **example_inputs(module)))["params"]
-    return {p: tuple(v.shape) for p, v in traverse_util.flatten_dict(shapes).items()}
+    return abstract_param_shapes(lambda: module.init(jax.random.PRNGKey(0), **example_inputs(module)))
 
 
 def load_unet_condition(
@@ -638,7 +636,7 @@ def load_unet_condition(
     """(module, params) of a diffusers `unet/` folder (config.json + safetensors weights).
 
     Params are float32 (apply them as {"params": params}); `dtype` is the compute dtype.
-    A missing / unexpected key or a mis-shaped tensor is a ValueError naming the key.
+    A missing / unexpected key or a mis-shaped tensor is a UserError naming the key.
     """
     from fewstep_jax.pipelines.weights import load_component_weights, read_json, weights_file
 

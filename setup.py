@@ -34,6 +34,9 @@ TORCH = ["torch>=2.1", "diffusers>=0.30", "safetensors>=0.4"]
 # Latent text-to-image pipelines (fewstep_jax/pipelines): safetensors weights, the tokenizers'
 # own files read by the `tokenizers` (CLIP BPE) and `sentencepiece` (T5) libraries (no torch).
 LATENT = ["safetensors>=0.4", "tokenizers>=0.20", "sentencepiece>=0.2"]
+# LoRA students (fewstep_jax/lora): Google's qwix intercepts the Linen layers' dot_general / conv
+# and adds the low-rank branch (docs/guides/lora.md says why qwix).
+LORA = ["qwix>=0.1.8"]
 # The PyTorch reference side of the parity tests: transformers' CLIP / T5, peft's LoRA layout.
 TEST = ["pytest>=8", "pytest-xdist>=3", "ruff>=0.15", "scipy", "transformers>=5", "peft>=0.15"]
 
@@ -46,6 +49,12 @@ setup(
     package_data={"fewstep_jax": ["assets/*"]},
     python_requires=">=3.11",
     install_requires=CORE,
-    extras_require={"tfds": TFDS, "torch": TORCH, "latent": LATENT, "test": TEST + TORCH + TFDS + LATENT},
+    extras_require={
+        "tfds": TFDS,
+        "torch": TORCH,
+        "latent": LATENT,
+        "lora": LORA,
+        "test": TEST + TORCH + TFDS + LATENT + LORA,
+    },
     entry_points={"console_scripts": ["fewstep=fewstep_jax.main:run"]},
 )

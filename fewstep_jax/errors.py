@@ -25,6 +25,7 @@ VERBOSE_ENV = "FEWSTEP_VERBOSE"
 TORCH_EXTRA = 'pip install "fewstep-jax[torch]"'
 TFDS_EXTRA = 'pip install "fewstep-jax[tfds]"'
 LATENT_EXTRA = 'pip install "fewstep-jax[latent]"'
+LORA_EXTRA = 'pip install "fewstep-jax[lora]"'
 # the packages of the optional extras (setup.py) -> how to install them
 INSTALL_HINTS = {
     "torch": TORCH_EXTRA,
@@ -32,6 +33,7 @@ INSTALL_HINTS = {
     "safetensors": "pip install safetensors",
     "tokenizers": LATENT_EXTRA,
     "sentencepiece": LATENT_EXTRA,
+    "qwix": LORA_EXTRA,
     "tensorflow": TFDS_EXTRA,
     "tensorflow_datasets": TFDS_EXTRA,
 }

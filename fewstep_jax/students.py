@@ -17,6 +17,7 @@ The student is a pytree with no leaves (all static), so it can be passed to jitt
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -38,6 +39,9 @@ class Student:
       form: ``"euler"`` or ``"semilinear"``.
       prediction: kind of the network output (``flow``, ``x0``, ``eps``, ``v``).
       uses_s: whether the network takes the target time ``s`` as an input.
+      shares_base: a LoRA network (fewstep_jax/lora): its params are adapters only, and ``apply``
+        takes them joined with the frozen base, the teacher's params
+        (``lora.adapters.WithBase``); :func:`with_base` joins them where the network is called.
     """
 
     apply: Callable = flax.struct.field(pytree_node=False)
@@ -45,6 +49,7 @@ class Student:
     form: str = flax.struct.field(pytree_node=False, default="euler")
     prediction: str = flax.struct.field(pytree_node=False, default="flow")
     uses_s: bool = flax.struct.field(pytree_node=False, default=True)
+    shares_base: bool = flax.struct.field(pytree_node=False, default=False)
 
     def __post_init__(self):
         if self.form not in FORMS:
@@ -77,6 +82,16 @@ class Student:
         return jnp.where(bcast(s == t, x), x, bcast(a_s, x) * x0 + bcast(s_s, x) * eps)
 
 
+def with_base(net: Student, params: Any, teacher: Any) -> Any:
+    """The params ``net.apply`` takes: a LoRA network's adapters joined with the teacher's params
+    (the same arrays, never a copy; no gradient flows into them), any other network's as given."""
+    if not net.shares_base:
+        return params
+    from fewstep_jax.lora.adapters import WithBase
+
+    return WithBase(params, jax.lax.stop_gradient(teacher.params))
+
+
 def model_apply(model) -> Callable:
     """Adapts a Flax model of fewstep_jax.models to the :class:`Student` ``apply`` signature."""
 
@@ -96,4 +111,4 @@ def model_apply(model) -> Callable:
     return apply
 
 
-__all__ = ["FORMS", "Student", "model_apply"]
+__all__ = ["FORMS", "Student", "model_apply", "with_base"]

@@ -26,6 +26,7 @@ Either way an aux network reads the main network's params of the start of the st
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -38,7 +39,7 @@ from jax.sharding import Mesh
 
 from fewstep_jax import parallel
 from fewstep_jax.losses.api import LossInputs, get_factory
-from fewstep_jax.students import Student
+from fewstep_jax.students import Student, with_base
 from fewstep_jax.train.state import TrainState, make_optimizers
 
 Array = jax.Array
@@ -92,11 +93,14 @@ def ema_decay_at(decay: float, rampup_ratio: float, num_updates: Array) -> Array
     return jnp.power(0.5, 1.0 / jnp.maximum(ramped, 1e-8))
 
 
-def _loss_and_grads(terms, params, inputs, batch, keys, prefix: str):
-    """Per-term losses and gradients, the weighted total and the metrics of one network."""
+def _loss_and_grads(terms, params, inputs, batch, keys, prefix: str, bind=None):
+    """Per-term losses and gradients, the weighted total and the metrics of one network; ``bind``
+    maps the differentiated params to what the network takes (a LoRA's adapters joined with its
+    base: the gradient is the adapters')."""
     metrics, total, grads, finite = {}, jnp.zeros((), jnp.float32), None, []
     for term, key in zip(terms, keys, strict=True):
-        (loss, tm), g = jax.value_and_grad(term.fn, has_aux=True)(params, inputs, batch, key)
+        fn = term.fn if bind is None else (lambda p, *a, fn=term.fn: fn(bind(p), *a))
+        (loss, tm), g = jax.value_and_grad(fn, has_aux=True)(params, inputs, batch, key)
         loss = loss.astype(jnp.float32)
         ok = jnp.isfinite(loss) & _all_finite(g)
         finite.append(ok)
@@ -146,6 +150,10 @@ def make_step_fn(
     def step(state: TrainState, teacher: Any, batch: dict) -> tuple[TrainState, dict]:
         keys = list(jax.random.split(jax.random.fold_in(state.rng, state.step), num_keys))
         sg = jax.lax.stop_gradient
+        # a LoRA network's params (and EMA) are adapters: joined with the teacher's params (its
+        # base, the same arrays) wherever a loss calls the network
+        by_name = {MAIN: student, **nets}
+        bind = {n: functools.partial(with_base, net, teacher=teacher) for n, net in by_name.items()}
         metrics: dict[str, Array] = {}
         all_ok = []
         aux = dict(state.aux)
@@ -154,11 +162,19 @@ def make_step_fn(
             entry, terms = aux[name], aux_terms[name]
             acfg = config.aux_nets[name]
             others = {MAIN: state.params, **{n: aux[n]["params"] for n in aux_order if n != name}}
-            inputs = LossInputs(
-                teacher, student, sg(entry.get("ema", {})), sg(others), state.step, static_nets
-            )
+            others = {n: bind[n](sg(p)) for n, p in others.items()}
+            ema = {k: bind[name](sg(e)) for k, e in entry.get("ema", {}).items()}
+            inputs = LossInputs(teacher, student, ema, others, state.step, static_nets)
             ks, keys = keys[: len(terms)], keys[len(terms) :]
-            grads, m, ok = _loss_and_grads(terms, entry["params"], inputs, batch, ks, f"{name}/")
+            grads, m, ok = _loss_and_grads(
+                terms,
+                entry["params"],
+                inputs,
+                batch,
+                ks,
+                f"{name}/",
+                bind[name] if nets[name].shares_base else None,
+            )
             metrics.update(m)
             upd, opt = aux_tx[name].update(grads, entry["opt_state"], entry["params"])
             new = {"params": optax.apply_updates(entry["params"], upd), "opt_state": opt}
@@ -170,8 +186,11 @@ def make_step_fn(
             all_ok.append(ok)
         # the main network reads an "after_main" aux network's params of the start of the step
         others = {n: (aux if order[n] == "first" else state.aux)[n]["params"] for n in aux_order}
-        inputs = LossInputs(teacher, student, sg(state.ema), sg(others), state.step, static_nets)
-        grads, m, ok = _loss_and_grads(main_terms, state.params, inputs, batch, keys, "")
+        others = {n: bind[n](sg(p)) for n, p in others.items()}
+        ema = {k: bind[MAIN](sg(e)) for k, e in state.ema.items()}
+        inputs = LossInputs(teacher, student, ema, others, state.step, static_nets)
+        main_bind = bind[MAIN] if student.shares_base else None
+        grads, m, ok = _loss_and_grads(main_terms, state.params, inputs, batch, keys, "", main_bind)
         metrics.update(m)
         upd, opt = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, upd)

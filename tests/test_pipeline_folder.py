@@ -21,7 +21,6 @@ from fewstep_jax.errors import UserError  # noqa: E402
 from fewstep_jax.pipelines.folder import (  # noqa: E402
     FAMILIES,
     PIPELINES,
-    PLANNED,
     Component,
     load_pipeline,
     pipeline_options,
@@ -91,8 +90,7 @@ def test_read_model_index(tmp_path):
 
 def test_family_table():
     """One entry per pipeline class: a known family, its denoiser among its components, a loader
-    for every accepted component class; planned classes are not in the table."""
-    assert not set(PIPELINES) & set(PLANNED)
+    for every accepted component class."""
     families = [spec.family for spec in PIPELINES.values()]
     assert len(set(families)) == len(families) and set(families) <= set(FAMILIES)
     for cls, spec in PIPELINES.items():
@@ -102,6 +100,8 @@ def test_family_table():
     assert pipeline_spec("PixArtAlphaPipeline").max_sequence_length == 120
     assert pipeline_spec("PixArtSigmaPipeline").max_sequence_length == 300
     assert pipeline_spec("StableDiffusionPipeline").family == "sd"
+    assert pipeline_spec("StableDiffusion3Pipeline").max_sequence_length == 256  # T5's
+    assert pipeline_spec("FluxPipeline").max_sequence_length == 512
 
 
 def test_unsupported_pipeline_classes(pixart, tmp_path):
@@ -110,8 +110,8 @@ def test_unsupported_pipeline_classes(pixart, tmp_path):
     _edit_json(index, _class_name="KandinskyV22Pipeline")
     with pytest.raises(UserError, match=r"KandinskyV22Pipeline' is not supported.*PixArtAlphaPipeline"):
         load_pipeline(folder)
-    _edit_json(index, _class_name="FluxPipeline")
-    with pytest.raises(UserError, match=r"FluxPipeline is not yet supported.*supported pipeline classes"):
+    _edit_json(index, _class_name="FluxPipelin")
+    with pytest.raises(UserError, match=r"'FluxPipelin' is not supported \(did you mean 'FluxPipeline'\?\)"):
         load_pipeline(folder)
 
 

@@ -21,11 +21,23 @@ Families (diffusers 0.42 pipelines):
                                       null in model_index gives encoder 2 alone, as diffusers),
                                       CLIPTextModelWithProjection text_encoder_2 + tokenizer_2;
                                       the invisible watermark is not applied
-Planned (`PLANNED`, a UserError "not yet supported" until their entry exists): sd3
-(StableDiffusion3Pipeline), flux (FluxPipeline). A family is one
-`FamilySpec`: its component folders with a loader per accepted component class, its text length,
-its prompt encoder (pipelines/prompts.py) and its denoiser call (`denoiser_apply`); the pipeline's
-other model_index entries (requires_safety_checker, ...) are kept as `options`.
+  sd3           StableDiffusion3Pipeline  transformer (SD3Transformer2DModel), vae (shift_factor),
+                                      CLIPTextModelWithProjection text_encoder + tokenizer and
+                                      text_encoder_2 + tokenizer_2 (77 tokens), T5EncoderModel
+                                      text_encoder_3 + tokenizer_3 (256 tokens; optional: null
+                                      gives zero T5 states, as diffusers); FlowMatchEulerDiscrete
+  flux          FluxPipeline          transformer (FluxTransformer2DModel; FLUX.1-dev's guidance
+                                      embedding or schnell's none) on latents packed 2 x 2 (packed
+                                      inside its denoiser call), vae (shift_factor), CLIPTextModel
+                                      text_encoder (pooled) + tokenizer, T5EncoderModel
+                                      text_encoder_2 + tokenizer_2 (512 tokens); FlowMatchEulerDiscrete
+                                      (mu of the image tokens, FluxPipeline's sigmas); guidance_scale
+                                      is the embedded guidance, CFG is true_cfg_scale with negatives
+A family is one `FamilySpec`: its component folders with a loader per accepted component class,
+its text length, its prompt encoder (pipelines/prompts.py), its denoiser call (`denoiser_apply`)
+and how its pipeline guides and schedules; the pipeline's other model_index entries
+(requires_safety_checker, ...) are kept as `options`. Every denoiser call takes NHWC latents
+(B, h, w, `pipe.latent_channels`), Flux's included.
 
 Schedulers: a mirrored class (DDIM, DDPM, LCM, TCD, FlowMatchEulerDiscrete) is read as it is
 saved; another class (PixArt's DPMSolverMultistepScheduler, SD's PNDMScheduler) is not mirrored:
@@ -49,11 +61,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from fewstep_jax.errors import UserError, did_you_mean
 from fewstep_jax.pipelines import prompts
 from fewstep_jax.pipelines.weights import read_json
-from fewstep_jax.schedules.flow_match_scheduler import FlowMatchConfig
+from fewstep_jax.schedules.flow_match_scheduler import FlowMatchConfig, image_seq_len
 from fewstep_jax.schedules.scheduler_config import (
     DEFAULTS as SCHEDULER_DEFAULTS,
 )
@@ -121,9 +135,23 @@ def _clip_text(folder: str, dtype: str, variant: str | None, max_length: int | N
 
 
 def _clip_tokenizer(folder: str, dtype: str, variant: str | None, max_length: int | None) -> Any:
+    """At the folder's model_max_length whatever the family's text length (that is T5's in SD3 /
+    Flux); the diffusers pipelines tokenize CLIP at it."""
     from fewstep_jax.text.clip_tokenizer import load_clip_tokenizer
 
-    return load_clip_tokenizer(folder, max_length)
+    return load_clip_tokenizer(folder)
+
+
+def _sd3_transformer(folder: str, dtype: str, variant: str | None, max_length: int | None) -> Component:
+    from fewstep_jax.models.sd3 import load_sd3_transformer
+
+    return Component(*load_sd3_transformer(folder, dtype, variant=variant))
+
+
+def _flux_transformer(folder: str, dtype: str, variant: str | None, max_length: int | None) -> Component:
+    from fewstep_jax.models.flux import load_flux_transformer
+
+    return Component(*load_flux_transformer(folder, dtype, variant=variant))
 
 
 PIXART_TRANSFORMERS: dict[str, Loader] = {
@@ -137,6 +165,8 @@ UNETS: dict[str, Loader] = {"UNet2DConditionModel": _unet_condition}
 CLIP_TEXT: dict[str, Loader] = {"CLIPTextModel": _clip_text}
 CLIP_TEXT_PROJ: dict[str, Loader] = {"CLIPTextModelWithProjection": _clip_text}
 CLIP_TOKENIZERS: dict[str, Loader] = {"CLIPTokenizer": _clip_tokenizer, "CLIPTokenizerFast": _clip_tokenizer}
+SD3_TRANSFORMERS: dict[str, Loader] = {"SD3Transformer2DModel": _sd3_transformer}
+FLUX_TRANSFORMERS: dict[str, Loader] = {"FluxTransformer2DModel": _flux_transformer}
 
 
 # ---- the denoiser call of each family ------------------------------------------------------------
@@ -180,6 +210,49 @@ def _sdxl_apply(pipe: LatentPipeline) -> DenoiserFn:
     return fn
 
 
+def _sd3_apply(pipe: LatentPipeline) -> DenoiserFn:
+    """SD3Transformer2D on cond {"text_states", "pooled"} (StableDiffusion3Pipeline's call: the
+    timestep as the scheduler gives it, sigma * 1000)."""
+    module = pipe.denoiser.module
+
+    def fn(params: Any, latents: Array, timestep: Array, cond: Mapping[str, Array]) -> Array:
+        return module.apply({"params": params}, latents, timestep, cond["text_states"], cond["pooled"])
+
+    return fn
+
+
+def _flux_apply(pipe: LatentPipeline) -> DenoiserFn:
+    """FluxTransformer2D on NHWC latents and cond {"text_states", "pooled"[, "guidance"]}, as
+    FluxPipeline calls it: the latents packed 2 x 2 (and the output unpacked, so the scheduler steps
+    NHWC latents: its step is elementwise), img_ids of the packed grid, txt_ids zeros, timestep / 1000,
+    cond["guidance"] (B,) the guidance scale when the transformer embeds it (FLUX.1-dev)."""
+    from fewstep_jax.models.flux import TIME_SCALE, latent_image_ids, pack_latents, unpack_latents
+
+    module = pipe.denoiser.module
+
+    def fn(params: Any, latents: Array, timestep: Array, cond: Mapping[str, Array]) -> Array:
+        _, h, w, _ = latents.shape
+        states = cond["text_states"]
+        guidance = None
+        if module.guidance_embeds:
+            if "guidance" not in cond:
+                raise UserError(
+                    f"{pipe.folder}: the Flux transformer embeds the guidance scale: cond needs "
+                    '"guidance" (B,) (encode_prompts(..., guidance_scale=) adds it)'
+                )
+            guidance = cond["guidance"]
+        # numpy ids stay concrete under jit: the rotary tables are then float64 as diffusers'
+        img_ids = latent_image_ids(h // 2, w // 2)
+        txt_ids = np.zeros((states.shape[1], 3), np.float32)
+        t = jnp.asarray(timestep, jnp.float32) / TIME_SCALE
+        out = module.apply(
+            {"params": params}, pack_latents(latents), t, states, cond["pooled"], img_ids, txt_ids, guidance
+        )
+        return unpack_latents(out, h, w)
+
+    return fn
+
+
 def _check_sdxl(pipe: LatentPipeline) -> None:
     """StableDiffusionXLPipeline's UNet: the text_time added embedding of pooled (text_encoder_2's
     projection) + 6 time ids, cross-attention on both encoders' states; refuse anything else."""
@@ -198,15 +271,8 @@ def _check_sdxl(pipe: LatentPipeline) -> None:
             f"{where}: {given} is not supported in a StableDiffusionXLPipeline here (the sdxl family "
             'needs addition_embed_type="text_time" and no class or guidance embedding)'
         )
-    vae = pipe.vae.module
-    if vae.latents_mean is not None or vae.latents_std is not None:
-        raise UserError(
-            f"{pipe.folder}/vae/config.json: latents_mean / latents_std are not supported here "
-            "(the sdxl family decodes latents / scaling_factor)"
-        )
-    encoder2 = pipe.models["text_encoder_2"].module
-    if encoder2.projection_dim is None:
-        raise UserError(f"{pipe.folder}/text_encoder_2 has no text_projection (CLIPTextModelWithProjection)")
+    _check_vae(pipe)
+    encoder2 = _projected(pipe, "text_encoder_2")
     # diffusers' _get_add_time_ids check, made at load instead of at the first call
     passed = unet.addition_time_embed_dim * 6 + encoder2.projection_dim
     if passed != unet.projection_class_embeddings_input_dim:
@@ -222,6 +288,91 @@ def _check_sdxl(pipe: LatentPipeline) -> None:
             f"{where}: cross_attention_dim {unet.cross_attention_dim} != the text encoders' widths "
             f"summed ({width})"
         )
+
+
+def _check_vae(pipe: LatentPipeline) -> None:
+    """The sdxl / sd3 / flux pipelines decode latents / scaling_factor (+ shift_factor): a VAE
+    whose config asks for a per-channel latents_mean / latents_std is refused."""
+    vae = pipe.vae.module
+    if vae.latents_mean is not None or vae.latents_std is not None:
+        raise UserError(
+            f"{pipe.folder}/vae/config.json: latents_mean / latents_std are not supported here "
+            f"(the {pipe.family} family decodes latents / scaling_factor + shift_factor)"
+        )
+
+
+def _projected(pipe: LatentPipeline, name: str) -> Any:
+    """The module of text encoder `name`, which must have a text_projection."""
+    encoder = pipe.models[name].module
+    if encoder.projection_dim is None:
+        raise UserError(f"{pipe.folder}/{name} has no text_projection (CLIPTextModelWithProjection)")
+    return encoder
+
+
+def _check_widths(pipe: LatentPipeline, checks: Mapping[str, tuple[int, int, str]]) -> None:
+    """{denoiser config option: (its value, the width it must equal, what gives that width)}."""
+    for option, (value, width, source) in checks.items():
+        if value != width:
+            raise UserError(
+                f"{pipe.folder}/{pipe.spec.denoiser}/config.json: {option} {value} != {source} ({width})"
+            )
+
+
+def _check_sd3(pipe: LatentPipeline) -> None:
+    """StableDiffusion3Pipeline's shapes, checked at load instead of failing in the first call:
+    pooled = both CLIP projections, the CLIP states padded to T5's width = joint_attention_dim,
+    latent channels = the VAE's."""
+    _check_vae(pipe)
+    transformer = pipe.denoiser.module
+    clips = [_projected(pipe, name) for name in ("text_encoder", "text_encoder_2")]
+    checks = {
+        "pooled_projection_dim": (
+            transformer.pooled_projection_dim,
+            sum(c.projection_dim for c in clips),
+            "text_encoder + text_encoder_2 projection_dim",
+        ),
+        "in_channels": (transformer.in_channels, pipe.vae.module.latent_channels, "vae latent_channels"),
+    }
+    if "text_encoder_3" in pipe.models:
+        t5 = pipe.models["text_encoder_3"].module
+        checks["joint_attention_dim"] = (
+            transformer.joint_attention_dim,
+            t5.d_model,
+            "text_encoder_3 d_model",
+        )
+    _check_widths(pipe, checks)
+    width = sum(c.hidden_size for c in clips)
+    if width > transformer.joint_attention_dim:  # diffusers' F.pad would crop the CLIP states
+        raise UserError(
+            f"{pipe.folder}/transformer/config.json: joint_attention_dim {transformer.joint_attention_dim} "
+            f"< the CLIP encoders' widths summed ({width})"
+        )
+
+
+def _check_flux(pipe: LatentPipeline) -> None:
+    """FluxPipeline's shapes: packed 2 x 2 latents (in_channels = 4 x the VAE's latent channels),
+    pooled = CLIP's pooler_output, text states = T5's, three rope axes (FluxPipeline's ids)."""
+    _check_vae(pipe)
+    transformer = pipe.denoiser.module
+    clip, t5 = pipe.models["text_encoder"].module, pipe.models["text_encoder_2"].module
+    latent = pipe.vae.module.latent_channels
+    _check_widths(
+        pipe,
+        {
+            "in_channels": (transformer.in_channels, 4 * latent, "4 x vae latent_channels (2 x 2 packing)"),
+            "pooled_projection_dim": (
+                transformer.pooled_projection_dim,
+                clip.hidden_size,
+                "text_encoder hidden_size",
+            ),
+            "joint_attention_dim": (transformer.joint_attention_dim, t5.d_model, "text_encoder_2 d_model"),
+            "len(axes_dims_rope)": (
+                len(transformer.axes_dims_rope),
+                3,
+                "FluxPipeline's (0, row, column) ids",
+            ),
+        },
+    )
 
 
 def _check_sd(pipe: LatentPipeline) -> None:
@@ -248,11 +399,16 @@ class FamilySpec:
     components: {component folder: {accepted model_index class: loader}} (the scheduler is read
       separately, whatever its class); optional: components that may be null in model_index.
     denoiser: the component that is the diffusion network ("transformer" | "unet").
-    max_sequence_length: the pipeline's default text length (the tokenizers are loaded at it).
+    max_sequence_length: the pipeline's default T5 text length (its T5 tokenizer is loaded at it;
+      CLIP tokenizers at their model_max_length: None for the CLIP-only families).
     encode: the family's prompt encoder (pipelines/prompts.py), apply: its denoiser call.
     one_step_x0: the pipeline returns the step's predicted x0 when num_inference_steps == 1
       (PixArtAlphaPipeline's `scheduler.step(...)[1]`).
     validate: raises a UserError for a loaded pipeline the family cannot run (None: no check).
+    embedded_guidance: the pipeline's default guidance_scale when that scale is the transformer's
+      guidance input cond["guidance"] rather than CFG (FluxPipeline: 3.5; its CFG is true_cfg_scale
+      with negative prompts); None: guidance_scale is the CFG scale.
+    flux_sigmas: the pipeline passes FluxPipeline's sigmas linspace(1, 1/N, N) to set_timesteps.
     """
 
     family: str
@@ -264,6 +420,8 @@ class FamilySpec:
     optional: tuple[str, ...] = ()
     one_step_x0: bool = False
     validate: Callable[[LatentPipeline], None] | None = None
+    embedded_guidance: float | None = None
+    flux_sigmas: bool = False
 
 
 _PIXART_COMPONENTS = {
@@ -311,11 +469,43 @@ PIPELINES: dict[str, FamilySpec] = {
         optional=("text_encoder", "tokenizer"),
         validate=_check_sdxl,
     ),
-}
-# families with a diffusers pipeline class but no entry yet: {class: what the entry needs}
-PLANNED: dict[str, str] = {
-    "StableDiffusion3Pipeline": "sd3: the SD3 transformer (models/sd3.py), CLIP x2 + T5 text encoders",
-    "FluxPipeline": "flux: the Flux transformer, CLIP + T5 text encoders",
+    "StableDiffusion3Pipeline": FamilySpec(
+        "sd3",
+        "transformer",
+        {
+            "transformer": SD3_TRANSFORMERS,
+            "vae": VAES,
+            "text_encoder": CLIP_TEXT_PROJ,
+            "tokenizer": CLIP_TOKENIZERS,
+            "text_encoder_2": CLIP_TEXT_PROJ,
+            "tokenizer_2": CLIP_TOKENIZERS,
+            "text_encoder_3": T5_ENCODERS,
+            "tokenizer_3": T5_TOKENIZERS,
+        },
+        256,  # T5's; CLIP's is tokenizer's model_max_length (77)
+        prompts.encode_sd3,
+        _sd3_apply,
+        optional=("text_encoder_3", "tokenizer_3"),  # null: zero T5 states, as diffusers
+        validate=_check_sd3,
+    ),
+    "FluxPipeline": FamilySpec(
+        "flux",
+        "transformer",
+        {
+            "transformer": FLUX_TRANSFORMERS,
+            "vae": VAES,
+            "text_encoder": CLIP_TEXT,
+            "tokenizer": CLIP_TOKENIZERS,
+            "text_encoder_2": T5_ENCODERS,
+            "tokenizer_2": T5_TOKENIZERS,
+        },
+        512,  # T5's; CLIP's is tokenizer's model_max_length (77)
+        prompts.encode_flux,
+        _flux_apply,
+        validate=_check_flux,
+        embedded_guidance=3.5,
+        flux_sigmas=True,
+    ),
 }
 
 
@@ -361,6 +551,19 @@ class LatentPipeline:
         return tuple(self.models[k] for k in sorted(self.models) if k.startswith("text_encoder"))
 
     @property
+    def latent_channels(self) -> int:
+        """Channels C of the NHWC latents the scheduler steps: the denoiser's in_channels, a quarter
+        of them for Flux (its transformer takes the latents packed 2 x 2)."""
+        channels = self.denoiser.module.in_channels
+        return channels // 4 if self.family == "flux" else channels
+
+    def image_tokens(self, latent_size: tuple[int, int]) -> int:
+        """The denoiser's image tokens for latents of (h, w), the pipelines' image_seq_len of mu:
+        patches of the transformer's patch_size (SD3), Flux's 2 x 2 packed tokens."""
+        patch = 2 if self.family == "flux" else getattr(self.denoiser.module, "patch_size", 1)
+        return image_seq_len(latent_size[0], latent_size[1], 1, patch)
+
+    @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent, as the pipelines compute it: 2 ** (len(block_out_channels) - 1)."""
         return 2 ** (len(self.vae.module.block_out_channels) - 1)
@@ -398,20 +601,13 @@ def _read_index(folder: str) -> tuple[dict[str, tuple[str, str]], dict[str, Any]
 
 
 def pipeline_spec(pipeline_class: str | None, where: str = MODEL_INDEX) -> FamilySpec:
-    """The FamilySpec of a diffusers pipeline class; an unknown or planned one is a UserError naming
-    it and the supported classes."""
+    """The FamilySpec of a diffusers pipeline class; an unknown one is a UserError naming it and the
+    supported classes."""
     if pipeline_class in PIPELINES:
         return PIPELINES[pipeline_class]
-    supported = sorted(PIPELINES)
-    if pipeline_class in PLANNED:
-        raise UserError(
-            f"{where}: {pipeline_class} is not yet supported (needs the {PLANNED[pipeline_class]} "
-            f"entry); supported pipeline classes: {supported}"
-        )
     raise UserError(
         f"{where}: pipeline class {pipeline_class!r} is not supported"
-        f"{did_you_mean(str(pipeline_class), [*PIPELINES, *PLANNED])}; supported: {supported} "
-        f"(planned: {sorted(PLANNED)})"
+        f"{did_you_mean(str(pipeline_class), list(PIPELINES))}; supported: {sorted(PIPELINES)}"
     )
 
 
@@ -517,7 +713,6 @@ def denoiser_apply(pipe: LatentPipeline) -> DenoiserFn:
 __all__ = [
     "FAMILIES",
     "PIPELINES",
-    "PLANNED",
     "Component",
     "FamilySpec",
     "LatentPipeline",

@@ -13,7 +13,14 @@ SD (StableDiffusionPipeline) has "text_states" only (CLIP last_hidden_state; no 
   "text_states"   (B, 77, D1 + D2) float32  both CLIP encoders' hidden_states[-2], concatenated
   "pooled"        (B, P) float32     text_embeds of text_encoder_2 (its projection, P wide)
   "time_ids"      (B, 6) float32     original_size + crops_coords_top_left + target_size
-Planned families add: SD3 / Flux "pooled" (B, P).
+SD3 (StableDiffusion3Pipeline) and Flux (FluxPipeline) have no mask either:
+  "text_states"   SD3 (B, 77 + 256, J): the two CLIP hidden_states[-2] concatenated on the features,
+                  zero-padded to T5's width J, then T5's states on the sequence axis;
+                  Flux (B, 512, J): T5's last_hidden_state
+  "pooled"        SD3 (B, P1 + P2): both CLIP text_embeds; Flux (B, D): CLIP's pooler_output
+  "guidance"      (B,) float32       Flux with a guidance embedding (FLUX.1-dev): the guidance scale
+Flux's txt_ids (zeros) and img_ids (the packed grid) are not condition keys: its denoiser call
+derives them from the shapes.
 
 PixArt (diffusers 0.42 `PixArtAlphaPipeline.encode_prompt`, Sigma's is the same at 300 tokens):
 each text lower-cased and stripped (`_text_preprocessing` with clean_caption=False; the URL / HTML
@@ -37,6 +44,19 @@ text_states and pooled are zeros; else the negatives ("" for None) are encoded t
 time_ids = (H, W, 0, 0, H, W) for an image of (H, W) = image_size (default the UNet's sample_size
 times the VAE factor), the same in null_cond (diffusers' defaults: original_size = target_size =
 (H, W), crops (0, 0)); `sdxl_time_ids` builds other values.
+
+SD3 (diffusers 0.42 `StableDiffusion3Pipeline.encode_prompt`): the same text to the three
+tokenizers (no prompt_2 / prompt_3); both CLIP tokenizers at `tokenizer`'s model_max_length, no
+mask, hidden_states[-2] (clip_skip: [-(clip_skip + 2)], prompt only); T5 at max_sequence_length
+(default 256, at most 512), no mask; text_encoder_3 null in model_index: zero T5 states (B, 256,
+joint_attention_dim). Negative prompts: "" for None, encoded the same way (not zeros).
+
+Flux (diffusers 0.42 `FluxPipeline.encode_prompt`): pooled = CLIP's pooler_output (tokenizer at its
+model_max_length), text_states = T5's at max_sequence_length (default 512, at most 512), no masks,
+no clip_skip. null_cond encodes the negative prompts ("" for None); FluxPipeline guides with them
+only when true_cfg_scale > 1 and they are given (pipelines/sampling.py). With a guidance-embedding
+transformer both dicts get "guidance": `encode_prompts(guidance_scale=)` (default 3.5, the
+pipeline's), the same in cond and null_cond as the pipeline passes it to both calls.
 """
 
 from __future__ import annotations
@@ -84,6 +104,7 @@ def encode_prompts(
     image_size: tuple[int, int] | None = None,
     max_sequence_length: int | None = None,
     clip_skip: int | None = None,
+    guidance_scale: float | None = None,
 ) -> tuple[Cond, Cond]:
     """(cond, null_cond) of `prompts` and `negative_prompts` (None: "" for each, diffusers'
     default, or SDXL's zeros with force_zeros_for_empty_prompt; one str: repeated) for the
@@ -91,8 +112,11 @@ def encode_prompts(
 
     image_size: (height, width) in pixels, for families with size conditions (default: the
       denoiser's sample_size times the VAE factor, diffusers' default size).
-    max_sequence_length: the text length (default the pipeline's: 120 PixArt-alpha, 300 Sigma).
+    max_sequence_length: the text length (default the pipeline's: 120 PixArt-alpha, 300 Sigma,
+      T5's 256 SD3 and 512 Flux).
     clip_skip: CLIP families' layers skipped from the end for the prompt (None: the last state).
+    guidance_scale: the embedded guidance of a guidance-distilled transformer (FLUX.1-dev), put in
+      both dicts as "guidance" (B,) (default the pipeline's, 3.5); an error for CFG families.
     """
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts:
@@ -100,7 +124,13 @@ def encode_prompts(
     bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
     if bad:
         raise UserError(f"encode_prompts: prompts must be str, got {bad}")
-    return pipe.spec.encode(
+    default = pipe.spec.embedded_guidance
+    if guidance_scale is not None and default is None:
+        raise UserError(
+            f"encode_prompts: guidance_scale is the guidance input of a guidance-embedding transformer; "
+            f"{pipe.pipeline_class} guides with CFG (sampling.sample's guidance_scale)"
+        )
+    cond, null = pipe.spec.encode(
         pipe,
         texts,
         _negatives(negative_prompts, len(texts)),
@@ -108,6 +138,11 @@ def encode_prompts(
         max_sequence_length=max_sequence_length,
         clip_skip=clip_skip,
     )
+    if default is not None and getattr(pipe.denoiser.module, "guidance_embeds", False):
+        scale = default if guidance_scale is None else guidance_scale
+        guidance = jnp.full((len(texts),), float(scale), jnp.float32)
+        cond, null = {**cond, "guidance": guidance}, {**null, "guidance": guidance}
+    return cond, null
 
 
 def _t5_at(tokenizer: Any, max_length: int) -> Any:
@@ -117,6 +152,35 @@ def _t5_at(tokenizer: Any, max_length: int) -> Any:
     from fewstep_jax.text.t5_tokenizer import T5Tokenizer
 
     return T5Tokenizer(tokenizer.processor, max_length, tokenizer.special, tokenizer.eos_id, tokenizer.pad_id)
+
+
+def _t5_length(pipe: LatentPipeline, max_sequence_length: int | None) -> int:
+    """SD3 / Flux's T5 length: the pipeline's default, at most 512 (their check_inputs)."""
+    length = int(max_sequence_length or pipe.spec.max_sequence_length)
+    if not 1 <= length <= 512:
+        raise UserError(f"{pipe.pipeline_class}: max_sequence_length must be in [1, 512], got {length}")
+    return length
+
+
+def _t5_states(pipe: LatentPipeline, encoder: str, tokenizer: str, texts: list[str], length: int) -> Array:
+    """(B, length, d_model) last_hidden_state of T5 `encoder` on `texts`, without a mask (SD3 and
+    Flux call their T5 on the ids alone)."""
+    t5 = pipe.models[encoder]
+    ids = jnp.asarray(_t5_at(pipe.tokenizers[tokenizer], length)(texts)["input_ids"])
+    return _jitted(t5.module)({"params": t5.params}, ids, None).astype(jnp.float32)
+
+
+def _clip_outputs(
+    pipe: LatentPipeline, pairs: Sequence[tuple[str, str]], texts: list[str], length: int | None
+) -> list:
+    """CLIPTextOutput of each (encoder, tokenizer) component pair on `texts` at `length` tokens
+    (None: each tokenizer's model_max_length), no mask."""
+    outs = []
+    for enc, tok in pairs:
+        encoder = pipe.models[enc]
+        ids = jnp.asarray(pipe.tokenizers[tok](texts, length)["input_ids"])
+        outs.append(_jitted(encoder.module)({"params": encoder.params}, ids, None))
+    return outs
 
 
 def encode_pixart(
@@ -216,17 +280,13 @@ def encode_sdxl(
 
     # text_encoder / tokenizer null in model_index: encoder 2 alone, as diffusers does
     pairs = [
-        (pipe.models.get(enc), pipe.tokenizers.get(tok))
+        (enc, tok)
         for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+        if enc in pipe.models and tok in pipe.tokenizers
     ]
-    pairs = [(e, t) for e, t in pairs if e is not None and t is not None]
 
     def encode(texts: list[str], skip: int | None) -> Cond:
-        outs = []
-        for encoder, tokenizer in pairs:
-            length = int(max_sequence_length or tokenizer.max_length)
-            ids = jnp.asarray(tokenizer(texts, length)["input_ids"])
-            outs.append(_jitted(encoder.module)({"params": encoder.params}, ids, None))
+        outs = _clip_outputs(pipe, pairs, texts, max_sequence_length)
         states, pooled = sdxl_text_states(outs[0] if len(outs) == 2 else None, outs[-1], skip)
         return {"text_states": states.astype(jnp.float32), "pooled": pooled.astype(jnp.float32)}
 
@@ -244,4 +304,75 @@ def encode_sdxl(
     return {**cond, "time_ids": time_ids}, {**null, "time_ids": time_ids}
 
 
-__all__ = ["encode_pixart", "encode_prompts", "encode_sd", "encode_sdxl", "sdxl_time_ids"]
+def encode_sd3(
+    pipe: LatentPipeline,
+    prompts: list[str],
+    negatives: list[str] | None,
+    *,
+    image_size: tuple[int, int] | None = None,
+    max_sequence_length: int | None = None,
+    clip_skip: int | None = None,
+) -> tuple[Cond, Cond]:
+    """StableDiffusion3Pipeline: CLIP-L / G + T5 states and both CLIP projections (module docstring)."""
+    from fewstep_jax.models.clip_text import sdxl_text_states
+
+    length = _t5_length(pipe, max_sequence_length)
+    clip_length = pipe.tokenizers["tokenizer"].max_length  # the pipeline's tokenizer_max_length, for both
+    joint = pipe.denoiser.module.joint_attention_dim
+
+    def encode(texts: list[str], skip: int | None) -> Cond:
+        out1, out2 = _clip_outputs(
+            pipe, [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")], texts, clip_length
+        )
+        clip_states, pooled2 = sdxl_text_states(out1, out2, skip)  # SDXL's layer rule and concat
+        if "text_encoder_3" in pipe.models:
+            t5 = _t5_states(pipe, "text_encoder_3", "tokenizer_3", texts, length)
+        else:
+            t5 = jnp.zeros((len(texts), length, joint), jnp.float32)
+        pad = t5.shape[-1] - clip_states.shape[-1]
+        clip_states = jnp.pad(clip_states.astype(jnp.float32), ((0, 0), (0, 0), (0, pad)))
+        return {
+            "text_states": jnp.concatenate([clip_states, t5], axis=1),
+            "pooled": jnp.concatenate([out1.text_embeds, pooled2], axis=-1).astype(jnp.float32),
+        }
+
+    return encode(prompts, clip_skip), encode(negatives or [""] * len(prompts), None)
+
+
+def encode_flux(
+    pipe: LatentPipeline,
+    prompts: list[str],
+    negatives: list[str] | None,
+    *,
+    image_size: tuple[int, int] | None = None,
+    max_sequence_length: int | None = None,
+    clip_skip: int | None = None,
+) -> tuple[Cond, Cond]:
+    """FluxPipeline: T5 states and CLIP's pooled output (module docstring); "guidance" is added by
+    encode_prompts."""
+    if clip_skip is not None:
+        raise UserError(
+            f"clip_skip is not an option of {pipe.pipeline_class} (it reads CLIP's pooled output)"
+        )
+    length = _t5_length(pipe, max_sequence_length)
+    clip_length = pipe.tokenizers["tokenizer"].max_length
+
+    def encode(texts: list[str]) -> Cond:
+        (out,) = _clip_outputs(pipe, [("text_encoder", "tokenizer")], texts, clip_length)
+        return {
+            "text_states": _t5_states(pipe, "text_encoder_2", "tokenizer_2", texts, length),
+            "pooled": out.pooler_output.astype(jnp.float32),
+        }
+
+    return encode(prompts), encode(negatives or [""] * len(prompts))
+
+
+__all__ = [
+    "encode_flux",
+    "encode_pixart",
+    "encode_prompts",
+    "encode_sd",
+    "encode_sd3",
+    "encode_sdxl",
+    "sdxl_time_ids",
+]

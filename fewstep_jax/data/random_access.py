@@ -7,11 +7,13 @@ from a random-access container: anything with `__len__` and `__getitem__(int)`, 
 (H, W, C) or (H, W) and, optionally, an integer label). TFDS's `builder.as_data_source(split)` of
 an ArrayRecord dataset is such a container (`fewstep_jax.data.tfds_source.tfds_data_source`), so a
 1.28M-image ImageNet-64 costs each host one batch of decoded images instead of 63 GB of float32.
+With a `convert` function the records may hold any keys: the prompt / latent caches
+(data/latent_cache.py) are served this way, by the same index computation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -58,6 +60,9 @@ class RandomAccessSource(IndexedSource):
       label_key: None for images only (an unconditional model).
       data_shape: (H, W, C) of the images, when known (e.g. from TFDS's features); otherwise one
         record is read the first time `element_spec` is asked for.
+      convert: records of any keys -> the batch (a dict of arrays or of dicts of arrays, e.g.
+        data/latent_cache.py's {"label": condition dict, "x": latents}), in place of the image
+        conversion (image_key, label_key and data_shape are then unused).
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class RandomAccessSource(IndexedSource):
         label_key: str | None = "label",
         data_shape: tuple[int, ...] | None = None,
         name: str = "random-access dataset",
+        convert: Callable[[Sequence[Mapping[str, Any]]], Mapping[str, Any]] | None = None,
     ) -> None:
         if not hasattr(container, "__len__") or not hasattr(container, "__getitem__"):
             raise TypeError(
@@ -85,8 +91,12 @@ class RandomAccessSource(IndexedSource):
         self.label_key = label_key
         self.name = name
         self._data_shape = None if data_shape is None else tuple(int(d) for d in data_shape)
+        self._custom = convert
+        self._spec: dict[str, Any] | None = None
 
     def _convert(self, records: Sequence[Mapping[str, Any]]) -> Batch:
+        if self._custom is not None:
+            return dict(self._custom(records))
         keys = [self.image_key] if self.label_key is None else [self.image_key, self.label_key]
         missing = [k for k in keys if k not in records[0]]
         if missing:
@@ -95,6 +105,13 @@ class RandomAccessSource(IndexedSource):
 
     @property
     def element_spec(self) -> dict[str, ArraySpec]:
+        if self._custom is not None:  # nested dicts of specs for nested batches
+            if self._spec is None:
+                self._spec = _map(
+                    lambda v: ArraySpec(v.shape[1:], v.dtype),
+                    self._convert(read_records(self.container, [0])),
+                )
+            return dict(self._spec)
         if self._data_shape is None:
             self._data_shape = tuple(self._convert(read_records(self.container, [0]))["x"].shape[1:])
         spec = {"x": ArraySpec(self._data_shape, np.dtype(np.float32))}
@@ -106,4 +123,9 @@ class RandomAccessSource(IndexedSource):
         # A batch straddling an epoch boundary may hold an index twice: read it once.
         unique, inverse = np.unique(idx, return_inverse=True)
         batch = self._convert(read_records(self.container, unique.tolist()))
-        return {k: v[inverse] for k, v in batch.items()}
+        return _map(lambda v: v[inverse], batch)
+
+
+def _map(fn: Callable[[np.ndarray], Any], batch: Mapping[str, Any]) -> dict[str, Any]:
+    """fn on every array of a dict of arrays and of dicts of arrays."""
+    return {k: _map(fn, v) if isinstance(v, Mapping) else fn(v) for k, v in batch.items()}

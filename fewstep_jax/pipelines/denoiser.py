@@ -115,7 +115,7 @@ def pipeline_teacher(
 
     sched = resolve_scheduler(pipe, scheduler)
     path, prediction = path_of_scheduler(sched)
-    shape = (*latent_size, pipe.denoiser.module.in_channels)
+    shape = (*latent_size, pipe.latent_channels)
     return latent_teacher(
         denoiser_apply(pipe),
         pipe.denoiser.params,

@@ -143,15 +143,17 @@ def shard_tree(tree: Any, shardings: Any) -> Any:
     return jax.device_put(tree, shardings)
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
     """Assemble each process's rows into global arrays split by `batch_sharding(mesh)`.
 
-    local_batch: {name: (B_local, ...)}; process p holds rows [p*B_local, (p+1)*B_local) of
-    the global batch of B_local * process_count rows, which must divide by the device count.
+    local_batch: {name: (B_local, ...)} or nested dicts of such arrays (a text conditioning under
+    "label"); process p holds rows [p*B_local, (p+1)*B_local) of the global batch of
+    B_local * process_count rows, which must divide by the device count.
     """
     if not local_batch:
         raise ValueError("global_batch: empty batch")
-    sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in local_batch.items()}
+    flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(dict(local_batch))}
+    sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in flat.items()}
     for k, b in sizes.items():
         if b is None:
             raise ValueError(f"global_batch: batch entry {k!r} is a scalar; need a leading dim")
@@ -166,7 +168,5 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
             f"by the {n_dev} devices of the mesh"
         )
     sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (total, *np.shape(v)[1:]))
-        for k, v in local_batch.items()
-    }
+    put = lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v), (total, *np.shape(v)[1:]))
+    return jax.tree.map(put, dict(local_batch))

@@ -129,6 +129,13 @@ def test_global_batch_shards_rows_and_validates():
         parallel.global_batch({"x": np.zeros((12, 2))}, mesh)
     with pytest.raises(ValueError, match="leading"):
         parallel.global_batch({"x": np.zeros((8, 2)), "y": np.zeros((16,))}, mesh)
+    # a text conditioning: the nested dict's arrays split by rows like the rest
+    states = np.arange(8 * 3 * 2, dtype=np.float32).reshape(8, 3, 2)
+    nested = parallel.global_batch({"x": np.zeros((8, 2)), "label": {"text_states": states}}, mesh)
+    assert nested["label"]["text_states"].sharding.spec == PartitionSpec(("data", "fsdp"))
+    np.testing.assert_array_equal(np.asarray(nested["label"]["text_states"]), states)
+    with pytest.raises(ValueError, match="leading.*text_mask"):
+        parallel.global_batch({"x": np.zeros((8, 2)), "label": {"text_mask": np.zeros((4, 3))}}, mesh)
 
 
 def test_initialize_distributed_is_a_noop_without_settings(monkeypatch):
